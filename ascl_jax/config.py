@@ -1,0 +1,136 @@
+"""Validation of a run configuration before anything is loaded or compiled.
+
+Every check raises `ConfigError` with the name of the key, its value, the reason, and values that
+would work, so that a mistyped command fails in a second instead of after a compilation.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from ascl_jax import losses
+from ascl_jax import queue as queue_lib
+
+MODELS = ("resnet10", "resnet18", "resnet34", "resnet50")
+STEMS = ("cifar", "imagenet")
+TARGET_VIEWS = ("weak", "strong")
+
+REQUIRED_KEYS = (
+    "dataset", "data_dir", "model", "image_size", "kind", "num_neighbors", "tau", "tau_prime",
+    "queue_size", "ema_momentum", "batch_size", "learning_rate", "weight_decay", "num_epochs",
+    "num_train_steps", "seed", "log_every_steps", "knn_every_epochs",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with the reason and a fix."""
+
+
+def _fail(key: str, value: Any, reason: str, fix: str) -> None:
+    raise ConfigError(f"Invalid config.{key}={value!r}: {reason}. {fix}")
+
+
+def _check_positive(config: Mapping[str, Any], key: str, *, integer: bool) -> None:
+    value = config[key]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        noun = "integer" if integer else "number"
+        _fail(key, value, f"it must be a positive {noun}", f"Set --config.{key} to a value > 0.")
+
+
+def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
+    """Check every key that can be checked without data; raise ConfigError on the first problem."""
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise ConfigError(
+            f"The config lacks the keys {missing}. Start from experiments/configs/default.py, "
+            "which defines every key."
+        )
+
+    dataset = config["dataset"]
+    if not isinstance(dataset, str) or not (
+        dataset in ("embedded", "folder") or (dataset.startswith("tfds:") and len(dataset) > 5)
+    ):
+        _fail("dataset", dataset, "unknown dataset",
+              'Use "embedded", "folder" (with data_dir) or "tfds:NAME", e.g. "tfds:cifar10".')
+    if dataset == "folder" and not config["data_dir"]:
+        _fail("data_dir", config["data_dir"], 'dataset="folder" reads its images from data_dir',
+              "Set --config.data_dir to a folder with SPLIT/CLASS/*.jpg or SPLIT.tar archives.")
+    for key in ("train_split", "memory_split", "test_split"):
+        if key in config and not config[key]:
+            _fail(key, config[key], "a split name is needed", 'Use e.g. "train" or "test".')
+
+    if config["model"] not in MODELS:
+        _fail("model", config["model"], "unknown model", f"Choose one of {MODELS}.")
+    if config.get("stem", "cifar") not in STEMS:
+        _fail("stem", config["stem"], "unknown stem", f"Choose one of {STEMS}.")
+    for key in ("image_size", "batch_size", "queue_size", "num_neighbors", "log_every_steps"):
+        _check_positive(config, key, integer=True)
+    for key in ("width", "hidden_dim", "projection_dim", "bn_groups", "eval_batch_size", "knn_k"):
+        if key in config:
+            _check_positive(config, key, integer=True)
+    for key in ("tau", "tau_prime", "learning_rate"):
+        _check_positive(config, key, integer=False)
+    if "knn_temperature" in config:
+        _check_positive(config, "knn_temperature", integer=False)
+
+    if config["kind"] not in losses.KINDS:
+        _fail("kind", config["kind"], "unknown label rule", f"Choose one of {losses.KINDS}.")
+    if config["num_neighbors"] > config["queue_size"]:
+        _fail("num_neighbors", config["num_neighbors"],
+              f"K cannot exceed the queue size {config['queue_size']}",
+              f"Use a value in [1, {config['queue_size']}].")
+    if config.get("target_view", "weak") not in TARGET_VIEWS:
+        _fail("target_view", config["target_view"], "unknown view", f"Choose one of {TARGET_VIEWS}.")
+
+    momentum = config["ema_momentum"]
+    if not 0.0 <= momentum < 1.0:
+        _fail("ema_momentum", momentum, "the EMA momentum must lie in [0, 1)",
+              "Use 0.99 for small datasets or 0.999 for ImageNet.")
+    if config["weight_decay"] < 0:
+        _fail("weight_decay", config["weight_decay"], "it must be >= 0", "Use e.g. 5e-4.")
+    if "momentum" in config and not 0.0 <= config["momentum"] < 1.0:
+        _fail("momentum", config["momentum"], "SGD momentum must lie in [0, 1)", "Use e.g. 0.9.")
+    if config.get("warmup_epochs", 0) < 0:
+        _fail("warmup_epochs", config["warmup_epochs"], "it must be >= 0", "Use e.g. 5.")
+
+    if config["num_train_steps"] < 0:
+        _fail("num_train_steps", config["num_train_steps"], "it must be >= 0",
+              "Use 0 to train for num_epochs, or a positive number of steps.")
+    if config["num_train_steps"] == 0 and config["num_epochs"] <= 0:
+        _fail("num_epochs", config["num_epochs"], "nothing to train",
+              "Set --config.num_epochs > 0 or --config.num_train_steps > 0.")
+    if config["knn_every_epochs"] < 0:
+        _fail("knn_every_epochs", config["knn_every_epochs"], "it must be >= 0",
+              "Use 0 to run the kNN monitor only before and after training.")
+
+    batch_size = config["batch_size"]
+    try:
+        queue_lib.check_queue_size(config["queue_size"], batch_size)
+    except ValueError as error:
+        raise ConfigError(f"Invalid config.queue_size: {error}") from None
+    if batch_size % num_devices:
+        lower = max(num_devices, batch_size // num_devices * num_devices)
+        _fail("batch_size", batch_size,
+              f"the global batch must split evenly over {num_devices} devices",
+              f"Use a multiple of {num_devices}, e.g. {lower} or {lower + num_devices}.")
+    groups = config.get("bn_groups", 1)
+    per_device = batch_size // num_devices
+    if per_device % groups:
+        _fail("bn_groups", groups,
+              f"the per-device batch of {per_device} cannot be split into {groups} equal BN groups",
+              "Use a divisor of the per-device batch size (1 gives plain BatchNorm).")
+
+
+def check_dataset_size(config: Mapping[str, Any], num_train_examples: int) -> list[str]:
+    """Check the config against the training split's size; return warnings, raise on errors."""
+    if num_train_examples < config["batch_size"]:
+        _fail("batch_size", config["batch_size"],
+              f"the training split has only {num_train_examples} examples, fewer than one batch",
+              f"Use a batch size <= {num_train_examples}.")
+    warnings = []
+    if config["queue_size"] > num_train_examples:
+        warnings.append(
+            f"config.queue_size={config['queue_size']} exceeds the {num_train_examples} training "
+            "examples, so the queue holds several keys of the same image."
+        )
+    return warnings

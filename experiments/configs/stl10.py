@@ -1,0 +1,30 @@
+"""ASCL on STL-10 with the reference recipe: ResNet-18 with max-pool stem at 64x64 pixels.
+
+Pretraining reads train+unlabelled (105,000 images); the kNN monitor uses train (5,000) as its
+memory bank and test (8,000) as queries. Images are resized to 64x64 on the host.
+
+Command:
+    python -m experiments.pretrain --config=experiments/configs/stl10.py --workdir=DIR \
+        --config.data_dir=DATA_DIR
+
+Expected result: not yet measured (needs an accelerator).
+"""
+
+import ml_collections
+
+from experiments.configs import cifar10
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Return the STL-10 reference recipe."""
+    config = cifar10.get_config()
+    config.dataset = "tfds:stl10"
+    config.train_split = "train+unlabelled"
+    config.memory_split = "train"
+    config.test_split = "test"
+    config.image_size = 64
+    # The ImageNet stem keeps the max-pool (7x7 stride-2 convolution), as the recipe does at 64x64.
+    config.stem = "imagenet"
+    config.mean = (0.4408, 0.4279, 0.3867)
+    config.std = (0.2682, 0.2610, 0.2686)
+    return config

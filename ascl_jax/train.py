@@ -72,7 +72,22 @@ def load_run_data(config: Mapping[str, Any]) -> RunData:
     train = load(config["train_split"])
     memory = train if config["memory_split"] == config["train_split"] else load(config["memory_split"])
     test = load(config["test_split"])
-    mean, std = data_lib.normalization(config["dataset"], train, config["mean"], config["std"])
+    if config["mean"] and config["std"]:
+        mean, std = tuple(config["mean"]), tuple(config["std"])
+    else:
+        mean, std = data_lib.normalization_stats(config["dataset"], train)
+    channels = train.image_shape[-1]
+    if len(mean) != channels or len(std) != channels:
+        raise config_lib.ConfigError(
+            f"Invalid config.mean={mean!r} / config.std={std!r}: the images have {channels} "
+            f"channels. Give {channels} values each, or leave both empty to use the dataset's."
+        )
+    for name, source in (("memory_split", memory), ("test_split", test)):
+        if source.class_names != train.class_names:
+            raise config_lib.ConfigError(
+                f"Invalid config.{name}={config[name]!r}: its classes {source.class_names[:5]}... "
+                f"differ from those of the training split {train.class_names[:5]}..."
+            )
     return RunData(train=train, memory=memory, test=test, mean=mean, std=std)
 
 

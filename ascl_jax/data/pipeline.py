@@ -1,0 +1,272 @@
+"""Batches for training and evaluation, with the training order a function of (seed, step).
+
+Training visits the examples in a fresh permutation every epoch and drops the last partial
+batch. Step s belongs to epoch s // steps_per_epoch and takes the examples at positions
+[(s % steps_per_epoch) * batch_size, ... + batch_size) of that epoch's permutation, so a run
+resumed at step s yields exactly the batches an uninterrupted run yields from step s.
+
+A background thread gathers the next batches from the source while the caller computes.
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ascl_jax.data.base import UNLABELLED, ImageSource
+
+logger = logging.getLogger(__name__)
+
+
+class Batch(NamedTuple):
+    """One training batch."""
+
+    # Global step, counted from 0 at the start of training.
+    step: int
+    # Epoch the batch belongs to: step // steps_per_epoch.
+    epoch: int
+    # uint8 [batch_size, H, W, C].
+    images: np.ndarray
+    # int32 [batch_size]; -1 for unlabelled examples.
+    labels: np.ndarray
+
+
+class EvalBatch(NamedTuple):
+    """One evaluation batch, padded to the full batch size."""
+
+    # uint8 [batch_size, H, W, C]; zeros where mask is False.
+    images: np.ndarray
+    # int32 [batch_size]; -1 where mask is False.
+    labels: np.ndarray
+    # bool [batch_size]; False on padding rows.
+    mask: np.ndarray
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Return the number of full batches per epoch, num_examples // batch_size.
+
+    Raises:
+        ValueError: batch_size is not positive, or the dataset has fewer examples than one batch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive; got {batch_size}.")
+    if num_examples < batch_size:
+        raise ValueError(
+            f"the dataset has {num_examples} examples, fewer than one batch of {batch_size}; "
+            "lower batch_size or use a larger split."
+        )
+    return num_examples // batch_size
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """Return the order of examples in an epoch: a permutation of range(num_examples).
+
+    The permutation comes from numpy's PCG64 generator seeded with SeedSequence([seed, epoch]),
+    so it depends on (seed, epoch) alone.
+    """
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative; got seed={seed}, epoch={epoch}.")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be non-negative; got {num_examples}.")
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batches(
+    source: ImageSource,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Iterate over training batches from step `start_step`, across epochs in order.
+
+    Args:
+        source: Examples to draw from.
+        batch_size: Examples per batch; the last partial batch of each epoch is dropped.
+        seed: Seed of the epoch permutations.
+        start_step: First step to yield, for example the step a checkpoint stores.
+        num_steps: Number of batches to yield (steps start_step .. start_step + num_steps - 1);
+            None yields forever.
+        prefetch: Batches a background thread prepares ahead; 0 gathers them in the caller's
+            thread.
+
+    Returns:
+        An iterator of Batch with a close() method that stops the background thread.
+    """
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative; got {start_step}.")
+    if num_steps is not None and num_steps < 0:
+        raise ValueError(f"num_steps must be non-negative or None; got {num_steps}.")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative; got {seed}.")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be non-negative; got {prefetch}.")
+    num_batches = steps_per_epoch(len(source), batch_size)
+
+    def generate() -> Iterator[Batch]:
+        step = start_step
+        epoch = -1
+        order = None
+        while num_steps is None or step < start_step + num_steps:
+            if step // num_batches != epoch:
+                epoch = step // num_batches
+                order = epoch_permutation(seed, epoch, len(source))
+            position = (step % num_batches) * batch_size
+            images, labels = source.get(order[position : position + batch_size])
+            yield Batch(step, epoch, images, labels)
+            step += 1
+
+    return _maybe_in_background(generate, prefetch)
+
+
+def eval_batches(
+    source: ImageSource, *, batch_size: int, prefetch: int = 2
+) -> Iterator[EvalBatch]:
+    """Iterate over every example once, in index order, in batches of exactly batch_size.
+
+    The last batch is padded with zero images and label -1, and its mask is False on the
+    padding, so a jitted function compiles once.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive; got {batch_size}.")
+    if len(source) == 0:
+        raise ValueError("cannot evaluate on an empty source.")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be non-negative; got {prefetch}.")
+
+    def generate() -> Iterator[EvalBatch]:
+        for start in range(0, len(source), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(source)))
+            images, labels = source.get(indices)
+            num_padding = batch_size - indices.size
+            mask = np.arange(batch_size) < indices.size
+            if num_padding:
+                images = np.concatenate(
+                    [images, np.zeros((num_padding, *images.shape[1:]), images.dtype)]
+                )
+                labels = np.concatenate([labels, np.full((num_padding,), UNLABELLED, np.int32)])
+            yield EvalBatch(images, labels, mask)
+
+    return _maybe_in_background(generate, prefetch)
+
+
+def _maybe_in_background(generate: Callable[[], Iterator[Any]], prefetch: int) -> Iterator[Any]:
+    if prefetch == 0:
+        return generate()
+    return BackgroundIterator(generate, prefetch)
+
+
+class _End:
+    """Queue item that marks the end of the stream."""
+
+
+class _Failure:
+    """Queue item that carries an exception raised by the producer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+# Seconds a blocked put waits before it checks again whether the iterator was closed.
+_POLL_SECONDS = 0.1
+
+
+def _put_unless_stopped(items: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put an item, waiting for room; return False if `stop` was set meanwhile."""
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=_POLL_SECONDS)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(
+    generate: Callable[[], Iterator[Any]], items: queue.Queue, stop: threading.Event
+) -> None:
+    """Fill `items` from generate() until it ends, fails or `stop` is set."""
+    # The thread holds no reference to its BackgroundIterator, so an abandoned iterator is
+    # garbage collected, and its __del__ stops this thread.
+    try:
+        for item in generate():
+            if not _put_unless_stopped(items, item, stop):
+                return
+    except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread.
+        _put_unless_stopped(items, _Failure(error), stop)
+        return
+    _put_unless_stopped(items, _End(), stop)
+
+
+class BackgroundIterator(Iterator[Any]):
+    """Iterator that runs a generator in a daemon thread, `size` items ahead of the consumer.
+
+    An exception raised by the generator is raised again by the consumer's next(). close()
+    (also called by `with`) stops the thread after its current item; an iterator that is
+    garbage collected stops its thread the same way.
+    """
+
+    def __init__(self, generate: Callable[[], Iterator[Any]], size: int) -> None:
+        """Start a thread that fills a queue of `size` items from generate()."""
+        self._finished = True
+        if size <= 0:
+            raise ValueError(f"size must be positive; got {size}.")
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(generate, self._queue, self._stop),
+            name="ascl_jax-prefetch",
+            daemon=True,
+        )
+        self._finished = False
+        self._thread.start()
+
+    def __iter__(self) -> "BackgroundIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _End):
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._finished = True
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        """Stop the background thread and drop the batches it prepared."""
+        self._finished = True
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10.0)
+        if self._thread.is_alive():
+            logger.warning("The prefetch thread did not stop within 10 s of close().")
+
+    @property
+    def thread_alive(self) -> bool:
+        """Whether the background thread is still running."""
+        return self._thread.is_alive()
+
+    def __enter__(self) -> "BackgroundIterator":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()

@@ -9,9 +9,7 @@ from typing import Any
 
 from ascl_jax import losses
 from ascl_jax import queue as queue_lib
-
-MODELS = ("resnet10", "resnet18", "resnet34", "resnet50")
-STEMS = ("cifar", "imagenet")
+from ascl_jax.models import MODELS, STEMS
 TARGET_VIEWS = ("weak", "strong")
 
 REQUIRED_KEYS = (

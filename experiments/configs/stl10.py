@@ -1,4 +1,4 @@
-"""ASCL on STL-10 with the reference recipe: ResNet-18 with max-pool stem at 64x64 pixels.
+"""ASCL on STL-10 with the reference recipe: ResNet-18 with a max-pool in the stem, at 64x64 pixels.
 
 Pretraining reads train+unlabelled (105,000 images); the kNN monitor uses train (5,000) as its
 memory bank and test (8,000) as queries. Images are resized to 64x64 on the host.
@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.memory_split = "train"
     config.test_split = "test"
     config.image_size = 64
-    # The ImageNet stem keeps the max-pool (7x7 stride-2 convolution), as the recipe does at 64x64.
-    config.stem = "imagenet"
+    # At 64x64 the recipe keeps the max-pool after the 3x3 stride-1 stem convolution.
+    config.stem = "cifar_maxpool"
     config.mean = (0.4408, 0.4279, 0.3867)
     config.std = (0.2682, 0.2610, 0.2686)
     return config

@@ -40,7 +40,7 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise ConfigError(
-            f"The config lacks the keys {missing}. Start from experiments/configs/default.py, "
+            f"The config is missing the keys {missing}. Start from experiments/configs/default.py, "
             "which defines every key."
         )
 

@@ -1,6 +1,6 @@
 """The MoCo queue: a ring buffer of L2-normalised target embeddings.
 
-The queue holds `n` rows of dimension `D`. Each train step writes the whole global batch of target
+The queue contains `n` rows of dimension `D`. Each train step writes the whole global batch of target
 embeddings at the write pointer and advances the pointer by the batch size, modulo `n`. Because `n`
 is a multiple of the batch size (checked by `check_queue_size`), a write never wraps around the
 end, so an enqueue is one `dynamic_update_slice` and the oldest keys are always the ones replaced.
@@ -27,7 +27,7 @@ class Queue(NamedTuple):
 
 
 def check_queue_size(queue_size: int, batch_size: int) -> None:
-    """Raise ValueError unless the queue holds a whole number of global batches."""
+    """Raise ValueError unless the queue fits a whole number of global batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if queue_size < batch_size or queue_size % batch_size:

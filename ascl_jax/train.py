@@ -172,7 +172,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, flo
     tx = state_lib.make_optimizer(
         schedule, momentum=config["momentum"], weight_decay=config["weight_decay"]
     )
-    height, width, channels = run_data.train.image_shape
+    channels = run_data.train.image_shape[-1]
     state = state_lib.create_train_state(
         jax.random.PRNGKey(config["seed"]),
         model,

@@ -41,6 +41,9 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
     """Build the per-step schedule: linear warm-up from 0, then cosine decay to 0 at `total_steps`."""
     warmup_steps = min(warmup_steps, total_steps)
+    if warmup_steps == total_steps:
+        # A run no longer than its warm-up only ramps up.
+        return optax.linear_schedule(0.0, learning_rate, transition_steps=max(total_steps, 1))
     if warmup_steps == 0:
         return optax.cosine_decay_schedule(learning_rate, decay_steps=total_steps)
     return optax.warmup_cosine_decay_schedule(

@@ -130,8 +130,8 @@ def make_train_step(
             "confidence": jnp.mean(confidence),
             "positive_weight": diagnostics["positive_weight"],
             "same_class_rate": diagnostics["same_class_rate"],
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(new_state.params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(new_state.params),
         }
         return new_state, metrics
 

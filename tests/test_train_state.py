@@ -15,6 +15,8 @@ def reference_learning_rate(step, peak, warmup_steps, total_steps):
     """Linear warm-up from 0 over warmup_steps, then cosine from peak to 0 at total_steps."""
     if step < warmup_steps:
         return peak * step / warmup_steps
+    if warmup_steps == total_steps:
+        return peak
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: "resnet10", "resnet18", "resnet34" or "resnet50".
     config.model = "resnet10"
     # Base number of filters; 64 is the standard ResNet width.
-    config.width = 32
+    config.width = 16
     # "cifar" (3x3 convolution, stride 1, no max-pool) or "imagenet" (7x7 stride 2 and max-pool).
     config.stem = "cifar"
     # Hidden and output sizes of the projector MLP.
@@ -66,14 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Global batch size over all devices.
     config.batch_size = 256
     # Peak learning rate of SGD after warm-up.
-    config.learning_rate = 0.06
+    config.learning_rate = 0.1
     # SGD momentum.
     config.momentum = 0.9
     # Weight decay added to the gradient (coupled), on all parameters.
     config.weight_decay = 5e-4
     # Linear warm-up from 0, in epochs, then cosine decay to 0.
     config.warmup_epochs = 1
-    config.num_epochs = 8
+    config.num_epochs = 15
     # When > 0, the number of steps to train, overriding num_epochs.
     config.num_train_steps = 0
     config.seed = 0
@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Monitoring.
     config.log_every_steps = 10
     # Run the kNN monitor every this many epochs (0: only before and after training).
-    config.knn_every_epochs = 1
+    config.knn_every_epochs = 3
     config.knn_k = 200
     config.knn_temperature = 0.1
     # Batch size of feature extraction for the kNN monitor.

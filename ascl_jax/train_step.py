@@ -124,12 +124,17 @@ def make_train_step(
         )
 
         diagnostics = losses.label_diagnostics(soft_labels, labels, state.queue.labels)
+        # Class agreement of each sample's nearest queue entry, a kind-independent measure of how
+        # often the entry that ASCL weights most is a true positive (chance is about 1 / classes).
+        nearest = jnp.argmax(losses.bank_similarities(target, bank), axis=-1)
+        nearest_same_class = (state.queue.labels[nearest] == labels) & (labels >= 0)
         metrics = {
             "loss": loss,
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
             "confidence": jnp.mean(confidence),
             "positive_weight": diagnostics["positive_weight"],
             "same_class_rate": diagnostics["same_class_rate"],
+            "neighbor_same_class": jnp.mean(nearest_same_class.astype(jnp.float32)),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(new_state.params),
         }

@@ -75,6 +75,7 @@ def test_every_kind_trains_and_stays_finite(kind, images_and_labels):
     assert 0.0 <= metrics["confidence"] <= 1.0
     assert 0.0 < metrics["positive_weight"] <= 1.0
     assert 0.0 <= metrics["same_class_rate"] <= 1.0 - metrics["positive_weight"] + 1e-6
+    assert 0.0 <= metrics["neighbor_same_class"] <= 1.0
     if kind == "normal":
         assert metrics["positive_weight"] == pytest.approx(1.0)
 
@@ -130,9 +131,13 @@ def test_same_class_rate_positive_once_queue_has_labels(images_and_labels):
     _, state, step = build(tiny_config(kind="hard", num_neighbors=4))
     step = jax.jit(step)
     state, first = step(state, images, labels)
-    assert float(first["same_class_rate"]) == 0.0  # the queue held only random vectors
+    # The queue contained only random vectors, which carry no class.
+    assert float(first["same_class_rate"]) == 0.0
+    assert float(first["neighbor_same_class"]) == 0.0
     state, second = step(state, images, labels)
     assert float(second["same_class_rate"]) > 0.0
+    # The queue now holds labelled keys of this batch, so some nearest entries share the class.
+    assert float(second["neighbor_same_class"]) > 0.0
 
 
 def test_step_is_deterministic(images_and_labels):

@@ -139,9 +139,15 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, flo
     """
     start_time = time.time()
     config_lib.validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
-        json.dump(_config_dict(config), file, indent=2, sort_keys=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
+            json.dump(_config_dict(config), file, indent=2, sort_keys=True)
+    except OSError as error:
+        raise config_lib.ConfigError(
+            f"Invalid --workdir={workdir!r}: cannot write there ({error.strerror}). "
+            "Choose a directory you can write to."
+        ) from error
 
     # Data.
     run_data = load_run_data(config)

@@ -8,8 +8,8 @@ Without --config the embedded Fashion-MNIST default runs. The workdir receives c
 metrics.jsonl (one JSON object per line).
 """
 
-import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,11 +26,16 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Imported here so that --help does not pay for importing JAX.
     from ascl_jax import train
+    from ascl_jax.config import ConfigError
+    from ascl_jax.data import ImageDecodeError
 
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, FileNotFoundError, ImageDecodeError) as error:
+        # Input problems end with their message alone; a traceback would only hide it.
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

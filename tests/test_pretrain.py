@@ -97,3 +97,11 @@ def test_pretrain_on_cifar10_jpeg(tmp_path):
     assert 0.1 < summary["knn_top1_final"] <= 1.0
     records = read_metrics(str(tmp_path))
     assert all(r["loss"] > 0 for r in records if "loss" in r)
+
+
+def test_unwritable_workdir_fails_with_its_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = default.get_config()
+    with pytest.raises(ValueError, match=r"Invalid --workdir=.*file/run.*cannot write"):
+        train.train_and_evaluate(config, str(blocker / "run"))

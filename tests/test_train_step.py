@@ -136,7 +136,7 @@ def test_same_class_rate_positive_once_queue_has_labels(images_and_labels):
     assert float(first["neighbor_same_class"]) == 0.0
     state, second = step(state, images, labels)
     assert float(second["same_class_rate"]) > 0.0
-    # The queue now holds labelled keys of this batch, so some nearest entries share the class.
+    # The queue now contains labelled keys of this batch, so some nearest entries share the class.
     assert float(second["neighbor_same_class"]) > 0.0
 
 

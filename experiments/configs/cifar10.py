@@ -8,8 +8,8 @@ Command (the same images as JPEG folders or SPLIT.tar archives, SPLIT/CLASS/*.jp
     python -m experiments.pretrain --config=experiments/configs/cifar10.py --workdir=DIR \
         --config.dataset=folder --config.data_dir=PATH_TO_CIFAR10_JPG
 
-Expected result: not yet measured with the full recipe, which needs an accelerator
-(200 epochs of ResNet-18); fill in the final kNN top-1 once a run has finished.
+Expected result: not yet measured. The full recipe (200 epochs of ResNet-18) needs an
+accelerator, so the final kNN top-1 is to be filled in once such a run has finished.
 """
 
 import ml_collections

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     """Return the configuration of the embedded default run."""
     config = ml_collections.ConfigDict()
 
-    # Data: "embedded", "folder" (data_dir holds SPLIT/CLASS/*.jpg or SPLIT.tar) or "tfds:NAME".
+    # Data: "embedded", "folder" (data_dir contains SPLIT/CLASS/*.jpg or SPLIT.tar) or "tfds:NAME".
     config.dataset = "embedded"
     # Folder of the images or tfds data directory; unused by the embedded dataset.
     config.data_dir = ""

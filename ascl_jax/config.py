@@ -4,12 +4,14 @@ Every check raises `ConfigError` with the name of the key, its value, the reason
 would work, so that a mistyped command fails in a second instead of after a compilation.
 """
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from ascl_jax import losses
 from ascl_jax import queue as queue_lib
 from ascl_jax.models import MODELS, STEMS
+
 TARGET_VIEWS = ("weak", "strong")
 
 REQUIRED_KEYS = (
@@ -17,6 +19,17 @@ REQUIRED_KEYS = (
     "queue_size", "ema_momentum", "batch_size", "learning_rate", "weight_decay", "num_epochs",
     "num_train_steps", "seed", "log_every_steps", "knn_every_epochs",
 )
+
+
+# Keys that a resumed run may change: they set the length of the run, what is logged and
+# evaluated, and how checkpoints are kept, but not the state or the batches of the steps done so
+# far. A changed num_epochs or num_train_steps moves the end of the cosine schedule, so the steps
+# after the resume follow the new schedule. Every other key must equal its value in the checkpoint.
+RESUMABLE_KEYS = frozenset({
+    "num_epochs", "num_train_steps", "log_every_steps", "knn_every_epochs", "knn_k",
+    "knn_temperature", "eval_batch_size", "memory_split", "test_split", "data_dir", "prefetch",
+    "checkpoint_every_steps", "keep_checkpoints", "skip_corrupt",
+})
 
 
 class ConfigError(ValueError):
@@ -97,9 +110,13 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
     if config["num_train_steps"] == 0 and config["num_epochs"] <= 0:
         _fail("num_epochs", config["num_epochs"], "nothing to train",
               "Set --config.num_epochs > 0 or --config.num_train_steps > 0.")
-    if config["knn_every_epochs"] < 0:
-        _fail("knn_every_epochs", config["knn_every_epochs"], "it must be >= 0",
+    knn_every_epochs = config["knn_every_epochs"]
+    if isinstance(knn_every_epochs, bool) or not isinstance(knn_every_epochs, (int, float)) or (
+        knn_every_epochs < 0
+    ):
+        _fail("knn_every_epochs", knn_every_epochs, "it must be a number >= 0",
               "Use 0 to run the kNN monitor only before and after training.")
+    _check_checkpoint_keys(config)
 
     batch_size = config["batch_size"]
     try:
@@ -117,6 +134,55 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
         _fail("bn_groups", groups,
               f"the per-device batch of {per_device} cannot be split into {groups} equal BN groups",
               "Use a divisor of the per-device batch size (1 gives plain BatchNorm).")
+
+
+def _check_checkpoint_keys(config: Mapping[str, Any]) -> None:
+    every = config.get("checkpoint_every_steps", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        _fail("checkpoint_every_steps", every, "it must be an integer >= 0",
+              "Use 0 to save only at the end of training and on SIGTERM/SIGINT, or e.g. 1000.")
+    keep = config.get("keep_checkpoints", 1)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        _fail("keep_checkpoints", keep, "at least the newest checkpoint must be kept",
+              "Use an integer >= 1; keep 2 or more so that a damaged newest checkpoint has a "
+              "fallback.")
+    skip_corrupt = config.get("skip_corrupt", False)
+    if not isinstance(skip_corrupt, bool):
+        _fail("skip_corrupt", skip_corrupt, "it must be a boolean", "Use True or False.")
+
+
+def check_resume_compatible(
+    saved: Mapping[str, Any], config: Mapping[str, Any], *, checkpoint: str
+) -> None:
+    """Raise ConfigError naming each key outside RESUMABLE_KEYS that differs from `saved`.
+
+    `saved` is the config stored with the checkpoint named by `checkpoint`. Both configs are
+    compared as JSON values, so a tuple and a list with equal items are equal. A key present in
+    only one of them counts as changed.
+    """
+    saved = json.loads(json.dumps(dict(saved)))
+    current = json.loads(json.dumps(_plain_dict(config)))
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_KEYS:
+            continue
+        old = repr(saved[key]) if key in saved else "unset"
+        new = repr(current[key]) if key in current else "unset"
+        if key not in saved or key not in current or saved[key] != current[key]:
+            changes.append(f"{key} (checkpoint {old}, now {new})")
+    if changes:
+        raise ConfigError(
+            f"Cannot resume from the checkpoint {checkpoint}: the config differs in keys that "
+            f"the saved state depends on: {'; '.join(changes)}. Rerun with the checkpoint's "
+            "values, or give a new --workdir to start a separate run. Only "
+            f"{sorted(RESUMABLE_KEYS)} may change on resume."
+        )
+
+
+def _plain_dict(config: Mapping[str, Any]) -> dict[str, Any]:
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
 
 
 def check_dataset_size(config: Mapping[str, Any], num_train_examples: int) -> list[str]:

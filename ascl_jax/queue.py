@@ -8,6 +8,11 @@ end, so an enqueue is one `dynamic_update_slice` and the oldest keys are always 
 Next to the embeddings the queue stores the dataset label of each key. The loss never reads these
 labels; they only feed the pseudo-label same-class diagnostic. Rows that hold the random start-up
 vectors carry the label `EMPTY_LABEL`.
+
+Data-parallel training shards the queue along n: with P devices, device i holds the rows
+`[i * n / P, (i + 1) * n / P)` of the same logical array, and the pointer is replicated. Inside
+`jax.shard_map`, `enqueue(..., axis_name=...)` writes the global batch into that layout, so the
+global queue after every step is the queue of a one-device run, row for row, whatever P is.
 """
 
 from typing import NamedTuple
@@ -50,23 +55,43 @@ def init_queue(key: jax.Array, queue_size: int, dim: int, dtype=jnp.float32) -> 
     )
 
 
-def enqueue(queue: Queue, keys: jax.Array, labels: jax.Array) -> Queue:
+def enqueue(
+    queue: Queue, keys: jax.Array, labels: jax.Array, *, axis_name: str | None = None
+) -> Queue:
     """Write `keys` [B, D] and their `labels` [B] at the pointer and advance it by B (mod n).
 
     The caller guarantees that n is a multiple of B (see `check_queue_size`), so the block
     [pointer, pointer + B) never crosses the end of the buffer.
+
+    With `axis_name` (inside `jax.shard_map` or `jax.pmap` over that axis), `queue.keys` and
+    `queue.labels` are this device's shard of n / P rows, `queue.pointer` is the global
+    pointer, and `keys` and `labels` are the whole global batch, equal on every device. Each
+    device writes the rows of the block [pointer, pointer + B) that fall into its shard. This
+    is a select over the n / P local rows, the same order of work as reading the shard for
+    the similarities.
     """
     batch_size = keys.shape[0]
-    queue_size = queue.keys.shape[0]
+    local_size = queue.keys.shape[0]
+    num_shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+    queue_size = local_size * num_shards
     if queue_size % batch_size:
         raise ValueError(
             f"Cannot enqueue a batch of {batch_size} keys into a queue of {queue_size} rows: "
             "the queue size must be a multiple of the batch size."
         )
     keys = jax.lax.stop_gradient(keys).astype(queue.keys.dtype)
-    new_keys = jax.lax.dynamic_update_slice(queue.keys, keys, (queue.pointer, 0))
-    new_labels = jax.lax.dynamic_update_slice(
-        queue.labels, labels.astype(jnp.int32), (queue.pointer,)
-    )
-    pointer = (queue.pointer + batch_size) % queue_size
-    return Queue(keys=new_keys, labels=new_labels, pointer=pointer.astype(jnp.int32))
+    labels = labels.astype(jnp.int32)
+    pointer = ((queue.pointer + batch_size) % queue_size).astype(jnp.int32)
+
+    if axis_name is None:
+        new_keys = jax.lax.dynamic_update_slice(queue.keys, keys, (queue.pointer, 0))
+        new_labels = jax.lax.dynamic_update_slice(queue.labels, labels, (queue.pointer,))
+        return Queue(keys=new_keys, labels=new_labels, pointer=pointer)
+
+    first_row = jax.lax.axis_index(axis_name) * local_size
+    batch_row = first_row + jnp.arange(local_size) - queue.pointer
+    is_written = (batch_row >= 0) & (batch_row < batch_size)
+    source = jnp.clip(batch_row, 0, batch_size - 1)
+    new_keys = jnp.where(is_written[:, None], keys[source], queue.keys)
+    new_labels = jnp.where(is_written, labels[source], queue.labels)
+    return Queue(keys=new_keys, labels=new_labels, pointer=pointer)

@@ -74,6 +74,7 @@ class _ConvBN(nn.Module):
     bn_epsilon: float
     dtype: Dtype
     param_dtype: Dtype
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -95,6 +96,7 @@ class _ConvBN(nn.Module):
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            axis_name=self.bn_axis_name,
             name="bn",
         )(x, use_running_average=not train)
 
@@ -109,6 +111,7 @@ class BasicBlock(nn.Module):
     bn_epsilon: float
     dtype: Dtype
     param_dtype: Dtype
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -131,6 +134,7 @@ class BottleneckBlock(nn.Module):
     bn_epsilon: float
     dtype: Dtype
     param_dtype: Dtype
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -158,6 +162,7 @@ def _conv_bn_factory(block: BasicBlock | BottleneckBlock):
             bn_epsilon=block.bn_epsilon,
             dtype=block.dtype,
             param_dtype=block.param_dtype,
+            bn_axis_name=block.bn_axis_name,
             name=name,
         )
 
@@ -184,6 +189,9 @@ class ResNet(nn.Module):
         bn_epsilon: BatchNorm epsilon.
         dtype: computation dtype of convolutions and normalisation outputs (e.g. bfloat16).
         param_dtype: dtype of the parameters.
+        bn_axis_name: mapped axis along which the batch is sharded in training mode (inside
+            ``jax.shard_map``), or None. ``bn_groups`` then counts the groups of the global
+            batch; see ``SplitBatchNorm``.
     """
 
     stage_sizes: Sequence[int]
@@ -195,6 +203,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -208,7 +217,7 @@ class ResNet(nn.Module):
         block_cls = BottleneckBlock if self.block == "bottleneck" else BasicBlock
         bn_kwargs = dict(bn_groups=self.bn_groups, bn_momentum=self.bn_momentum,
                          bn_epsilon=self.bn_epsilon, dtype=self.dtype,
-                         param_dtype=self.param_dtype)
+                         param_dtype=self.param_dtype, bn_axis_name=self.bn_axis_name)
 
         x = jnp.asarray(x, self.dtype)
         if self.stem in ("cifar", "cifar_maxpool"):

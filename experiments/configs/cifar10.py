@@ -39,4 +39,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 200
     config.log_every_steps = 50
     config.knn_every_epochs = 1
+    config.checkpoint_every_steps = 1000
     return config

@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = "embedded"
     # Folder of the images or tfds data directory; unused by the embedded dataset.
     config.data_dir = ""
+    # "folder" only: skip images that fail to decode (their count is logged) instead of failing.
+    config.skip_corrupt = False
     # Split used for pretraining; "+" joins several splits.
     config.train_split = "train"
     # Split whose features form the kNN memory bank.
@@ -81,12 +83,19 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Monitoring.
     config.log_every_steps = 10
-    # Run the kNN monitor every this many epochs (0: only before and after training).
-    config.knn_every_epochs = 3
+    # Run the kNN monitor every this many epochs, which may be a fraction (0: only before and
+    # after training).
+    config.knn_every_epochs = 3.0
     config.knn_k = 200
     config.knn_temperature = 0.1
     # Batch size of feature extraction for the kNN monitor.
     config.eval_batch_size = 512
     # Number of batches the host prepares ahead of the device.
     config.prefetch = 2
+
+    # Checkpoints in WORKDIR/checkpoints.
+    # Save every this many steps (0: only at the end and on SIGTERM/SIGINT); about 2 minutes here.
+    config.checkpoint_every_steps = 200
+    # Number of newest checkpoints kept; older ones are deleted.
+    config.keep_checkpoints = 2
     return config

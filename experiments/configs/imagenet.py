@@ -40,4 +40,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.knn_every_epochs = 10
     config.eval_batch_size = 256
+    config.checkpoint_every_steps = 2000
     return config

@@ -38,7 +38,7 @@ optional ``axis_name``. With ``axis_name=None`` (the default) the bank is the wh
 axis name they must run inside ``jax.shard_map`` or ``jax.pmap`` over that axis, and then:
 
 - ``bank`` (and ``bank_classes``) is this device's shard of the global bank. The global bank is
-  the concatenation of the shards in axis-index order, so the shard of device i holds the global
+  the concatenation of the shards in axis-index order, so the shard of device i contains the global
   entries ``[i * n_local, (i + 1) * n_local)``.
 - ``query``, ``target`` and ``sample_classes`` are the whole batch and must be equal on every
   device (for example the result of ``jax.lax.all_gather(..., tiled=True)``).
@@ -638,7 +638,11 @@ def label_diagnostics(
     bank_classes = jnp.asarray(bank_classes)
     same_class = (sample_classes[:, None] == bank_classes[None, :]) & (bank_classes[None, :] >= 0)
     same_class_mass = _psum(jnp.sum(labels[:, 1:] * same_class, axis=-1), axis_name)
+    positive_weight = jnp.mean(labels[:, 0])
+    if axis_name is not None:
+        # Column 0 is equal on every device; pmax returns that value as one replicated scalar.
+        positive_weight = jax.lax.pmax(positive_weight, axis_name)
     return {
-        "positive_weight": jnp.mean(labels[:, 0]),
+        "positive_weight": positive_weight,
         "same_class_rate": jnp.mean(same_class_mass),
     }

@@ -9,7 +9,7 @@ Next to the embeddings the queue stores the dataset label of each key. The loss 
 labels; they only feed the pseudo-label same-class diagnostic. Rows that hold the random start-up
 vectors carry the label `EMPTY_LABEL`.
 
-Data-parallel training shards the queue along n: with P devices, device i holds the rows
+Data-parallel training shards the queue along n: with P devices, device i stores the rows
 `[i * n / P, (i + 1) * n / P)` of the same logical array, and the pointer is replicated. Inside
 `jax.shard_map`, `enqueue(..., axis_name=...)` writes the global batch into that layout, so the
 global queue after every step is the queue of a one-device run, row for row, whatever P is.

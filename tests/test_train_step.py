@@ -9,6 +9,7 @@ import pytest
 from ascl_jax import data as data_lib
 from ascl_jax import losses, models
 from ascl_jax import queue as queue_lib
+from ascl_jax import sharding
 from ascl_jax import train_state as state_lib
 from ascl_jax import train_step as step_lib
 from experiments.configs import default
@@ -177,3 +178,34 @@ def test_feature_fn_uses_running_statistics(images_and_labels):
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, rtol=1e-5)
     # Eval-mode BN makes each example's features independent of the rest of the batch.
     np.testing.assert_allclose(full[: BATCH_SIZE // 2], half, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_step_matches_one_device(images_and_labels):
+    """ResNet-10 with the real views, sharded over 4 devices, gives the one-device result."""
+    images, labels = images_and_labels
+    config = tiny_config(kind="ascl", num_neighbors=2)
+    model, state, step = build(config)
+    host_state = jax.device_get(state)
+    expected = []
+    step = jax.jit(step)
+    for _ in range(2):
+        state, metrics = step(state, images, labels)
+        expected.append((jax.device_get(metrics), jax.device_get(state)))
+
+    mesh = sharding.create_mesh(jax.devices()[:4])
+    schedule = state_lib.learning_rate_schedule(0.1, warmup_steps=0, total_steps=10)
+    mean, std = data_lib.DATASET_STATS["embedded"]
+    step_fn = step_lib.make_train_step(config, model, schedule, mean=mean, std=std,
+                                       axis_name=sharding.DATA_AXIS)
+    state = sharding.put_state(host_state, mesh)
+    sharded_step = sharding.shard_train_step(step_fn, mesh, state)
+    batch = sharding.global_batch(mesh, np.asarray(images), np.asarray(labels),
+                                  batch_size=BATCH_SIZE)
+    for expected_metrics, expected_state in expected:
+        state, metrics = sharded_step(state, *batch)
+        chex.assert_trees_all_close(jax.device_get(metrics), expected_metrics,
+                                    rtol=1e-4, atol=1e-6)
+        chex.assert_trees_all_close(jax.device_get(state.params), expected_state.params,
+                                    rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(state.queue.keys, expected_state.queue.keys, atol=1e-5)
+        np.testing.assert_array_equal(state.queue.labels, expected_state.queue.labels)

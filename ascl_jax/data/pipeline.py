@@ -5,6 +5,10 @@ batch. Step s belongs to epoch s // steps_per_epoch and takes the examples at po
 [(s % steps_per_epoch) * batch_size, ... + batch_size) of that epoch's permutation, so a run
 resumed at step s yields exactly the batches an uninterrupted run yields from step s.
 
+In a multi-process run every process walks through the same global batches and loads only its
+own rows of each (the `rows` argument of `train_batches`), so the processes together read each
+global batch once.
+
 A background thread gathers the next batches from the source while the caller computes.
 """
 
@@ -28,9 +32,9 @@ class Batch(NamedTuple):
     step: int
     # Epoch the batch belongs to: step // steps_per_epoch.
     epoch: int
-    # uint8 [batch_size, H, W, C].
+    # uint8 [batch_size, H, W, C], or [len(rows), H, W, C] when train_batches got rows.
     images: np.ndarray
-    # int32 [batch_size]; -1 for unlabelled examples.
+    # int32 [batch_size] (or [len(rows)]); -1 for unlabelled examples.
     labels: np.ndarray
 
 
@@ -82,6 +86,7 @@ def train_batches(
     start_step: int = 0,
     num_steps: int | None = None,
     prefetch: int = 2,
+    rows: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Iterate over training batches from step `start_step`, across epochs in order.
 
@@ -94,6 +99,9 @@ def train_batches(
             None yields forever.
         prefetch: Batches a background thread prepares ahead; 0 gathers them in the caller's
             thread.
+        rows: Positions within each global batch to load, distinct and in [0, batch_size),
+            for example `ascl_jax.sharding.process_batch_rows` of this process. None loads
+            the whole batch.
 
     Returns:
         An iterator of Batch with a close() method that stops the background thread.
@@ -107,6 +115,8 @@ def train_batches(
     if prefetch < 0:
         raise ValueError(f"prefetch must be non-negative; got {prefetch}.")
     num_batches = steps_per_epoch(len(source), batch_size)
+    if rows is not None:
+        rows = _check_rows(rows, batch_size)
 
     def generate() -> Iterator[Batch]:
         step = start_step
@@ -117,11 +127,30 @@ def train_batches(
                 epoch = step // num_batches
                 order = epoch_permutation(seed, epoch, len(source))
             position = (step % num_batches) * batch_size
-            images, labels = source.get(order[position : position + batch_size])
+            indices = order[position : position + batch_size]
+            if rows is not None:
+                indices = indices[rows]
+            images, labels = source.get(indices)
             yield Batch(step, epoch, images, labels)
             step += 1
 
     return _maybe_in_background(generate, prefetch)
+
+
+def _check_rows(rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Return `rows` as an int64 array; raise ValueError unless distinct and in [0, batch_size)."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(
+            f"rows must be a non-empty 1-D array of integer positions within a batch; got "
+            f"shape {rows.shape} and dtype {rows.dtype}."
+        )
+    if rows.min() < 0 or rows.max() >= batch_size or len(np.unique(rows)) != rows.size:
+        raise ValueError(
+            f"rows must be distinct positions in [0, {batch_size}) (batch_size); got "
+            f"{rows.tolist()[:16]}."
+        )
+    return rows.astype(np.int64)
 
 
 def eval_batches(

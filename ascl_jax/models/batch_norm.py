@@ -16,7 +16,7 @@ SplitBatchNorm itself only provides the groups, and the training step does the s
 
 Data-parallel training. With ``axis_name`` set, the module runs inside ``jax.shard_map`` (or
 ``jax.pmap``) with the batch split into equal contiguous shards along that axis, and
-``num_groups`` still counts the groups of the GLOBAL batch. Device i holds the global examples
+``num_groups`` still counts the groups of the GLOBAL batch. Device i has the global examples
 ``[i * N_local, (i + 1) * N_local)``, and each example is normalised with the statistics of its
 global group, wherever the group's other examples are. So the result does not depend on the
 number of devices.
@@ -109,7 +109,7 @@ class SplitBatchNorm(nn.Module):
     that is split across G devices.
 
     Sharded batch (``axis_name`` set, P devices along the axis, N = P * N_local): when G is a
-    multiple of P, every device holds G / P whole groups and normalises them locally, and only
+    multiple of P, every device has G / P whole groups and normalises them locally, and only
     the running statistics are averaged over the devices (one ``pmean``). Otherwise groups and
     device shards overlap. Each device then cuts its shard into segments of
     ``gcd(N / G, N_local)`` examples, which lie in one group each, and the per-segment sums are

@@ -17,7 +17,8 @@ TARGET_VIEWS = ("weak", "strong")
 REQUIRED_KEYS = (
     "dataset", "data_dir", "model", "image_size", "kind", "num_neighbors", "tau", "tau_prime",
     "queue_size", "ema_momentum", "batch_size", "learning_rate", "weight_decay", "num_epochs",
-    "num_train_steps", "seed", "log_every_steps", "knn_every_epochs",
+    "num_train_steps", "seed", "log_every_steps", "knn_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints",
 )
 
 
@@ -137,11 +138,11 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
 
 
 def _check_checkpoint_keys(config: Mapping[str, Any]) -> None:
-    every = config.get("checkpoint_every_steps", 0)
+    every = config["checkpoint_every_steps"]
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         _fail("checkpoint_every_steps", every, "it must be an integer >= 0",
               "Use 0 to save only at the end of training and on SIGTERM/SIGINT, or e.g. 1000.")
-    keep = config.get("keep_checkpoints", 1)
+    keep = config["keep_checkpoints"]
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         _fail("keep_checkpoints", keep, "at least the newest checkpoint must be kept",
               "Use an integer >= 1; keep 2 or more so that a damaged newest checkpoint has a "

@@ -1,9 +1,10 @@
 """The pretraining loop: data, state, jitted step, kNN monitor, metrics, checkpoints.
 
 `train_and_evaluate(config, workdir)` is the library entry point that `experiments/pretrain.py`
-calls. The loop reads as the list of its steps: validate, check the config against the
-workdir's checkpoints, load data, restore or build the state, evaluate at step 0, train with
-periodic logging, kNN evaluation and checkpoints, evaluate at the end, save the last checkpoint.
+calls. The loop reads as the list of its steps. It validates the config and checks it against
+the workdir's checkpoints, loads the data, and restores or builds the state. Then it evaluates at
+step 0, trains with periodic logging, kNN evaluation and checkpoints, evaluates at the end and
+saves the last checkpoint.
 
 Resuming. Rerunning the same command with the same workdir restores the newest checkpoint that
 reads and continues from its step. The data order is a function of (seed, step), the
@@ -73,9 +74,10 @@ def _to_python(value: Any) -> Any:
 def truncate_metrics(path: str, last_step: int) -> list[dict[str, Any]]:
     """Remove the lines of a metrics file after `last_step`; return the records kept.
 
-    A run killed after its last checkpoint has written lines that the resumed run writes again,
-    and a line cut off by the kill does not parse; both are removed. `last_step=-1` empties the
-    file. The file is replaced atomically, so a kill during this call leaves the old file.
+    A run killed after its last checkpoint has written lines that the resumed run writes again.
+    Those lines are removed, and so is a line that the kill cut off, which does not parse.
+    `last_step=-1` empties the file. The file is replaced atomically, so a kill during this call
+    leaves the old file.
     """
     if not os.path.exists(path):
         return []
@@ -165,7 +167,7 @@ class StopSignals:
 
 
 class FiniteGuard:
-    """Finds the first step whose loss or parameter norm is NaN or infinite.
+    """Detector of the first step whose loss or parameter norm is NaN or infinite.
 
     The metrics of every step are kept on the device and fetched together at `check`, so the
     loop does not wait for the device after each step, yet the error names the exact step.
@@ -184,8 +186,13 @@ class FiniteGuard:
         """Return (step, values) of the first non-finite step since the last check, or None."""
         if not self._pending:
             return None
-        watched = [{key: metrics[key] for key in ("loss", "param_norm") if key in metrics}
-                   for _, metrics in self._pending]
+        # Every train step reports its loss. The parameter norm is checked where it is reported.
+        watched = []
+        for _, metrics in self._pending:
+            values = {"loss": metrics["loss"]}
+            if "param_norm" in metrics:
+                values["param_norm"] = metrics["param_norm"]
+            watched.append(values)
         for index, values in enumerate(jax.device_get(watched)):
             if all(math.isfinite(float(value)) for value in values.values()):
                 continue
@@ -513,16 +520,16 @@ def _restore_or_create(create_state, config, manager, meta) -> tuple[state_lib.T
                 "the data order after the resume would differ. Restore the original data, or "
                 "give a new --workdir to start a separate run."
             )
-        if saved.get("next_batch_step") != saved["step"]:
-            raise ValueError(
-                f"The checkpoint {path} is inconsistent: its input position "
-                f"{saved.get('next_batch_step')} differs from its step {saved['step']}."
-            )
 
     restored = checkpoint_lib.restore_latest(manager, target, check_meta=check_meta)
     if restored is None:
         logger.info("No checkpoint in %s; starting at step 0.", manager.directory)
-        return create_state(rng), 0
+        state = create_state(rng)
+        # A fresh state's step is a Python int, which jit treats as weakly typed, and its arrays
+        # are not committed to a device; a restored state has an int32 step and committed
+        # arrays. Matching them gives fresh and resumed runs one compiled train step.
+        state = state.replace(step=jnp.asarray(state.step, jnp.int32))
+        return jax.device_put(state, _state_sharding()), 0
     logger.info("Resuming from the checkpoint %s at step %d.",
                 checkpoint_lib.step_path(manager, restored.step), restored.step)
     return restored.state, restored.step
@@ -630,7 +637,7 @@ def _check_finite(run: _Run, guard: FiniteGuard) -> None:
     if failure is None:
         return
     step, values = failure
-    shown = ", ".join(f"{key}={value}" for key, value in values.items())
+    bad_values = ", ".join(f"{key}={value}" for key, value in values.items())
     if guard.last_finite is None:
         last = "No step before it was finite."
     else:
@@ -638,7 +645,7 @@ def _check_finite(run: _Run, guard: FiniteGuard) -> None:
         last = (f"Last finite metrics (step {last_step}): "
                 + ", ".join(f"{key}={value:.6g}" for key, value in sorted(metrics.items())) + ".")
     raise NonFiniteError(
-        f"Training stopped at step {step}: {shown}. {last} {run.newest_checkpoint_note()} "
+        f"Training stopped at step {step}: {bad_values}. {last} {run.newest_checkpoint_note()} "
         "Lower --config.learning_rate or lengthen --config.warmup_epochs, and start again in a "
         "new --workdir."
     )

@@ -8,10 +8,12 @@ Without --config the embedded Fashion-MNIST default runs. The workdir receives c
 metrics.jsonl (one JSON object per line) and checkpoints/. Rerunning the same command with the
 same workdir resumes from the newest checkpoint.
 
-Exit status: 0 when training is complete; 1 with a one-line message for invalid input, a config
-that conflicts with the workdir's checkpoints, unreadable checkpoints, or a NaN or infinite loss;
-128 + the signal number (143 for SIGTERM, 130 for SIGINT) when a signal stopped training after a
-checkpoint of the current step was saved.
+Exit status:
+    0    training is complete.
+    1    a one-line message explains the failure: invalid input, a config that conflicts with the
+         workdir's checkpoints, unreadable checkpoints, or a NaN or infinite loss.
+    143  SIGTERM stopped training after the checkpoint of the current step was saved
+         (130 for SIGINT: 128 + the signal number).
 """
 
 import logging

@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.prefetch = 2
 
     # Checkpoints in WORKDIR/checkpoints.
-    # Save every this many steps (0: only at the end and on SIGTERM/SIGINT); about 2 minutes here.
+    # Save every this many steps (0: only at the end and on SIGTERM/SIGINT).
     config.checkpoint_every_steps = 200
     # Number of newest checkpoints kept; older ones are deleted.
     config.keep_checkpoints = 2

@@ -29,7 +29,7 @@ REQUIRED_KEYS = (
 RESUMABLE_KEYS = frozenset({
     "num_epochs", "num_train_steps", "log_every_steps", "knn_every_epochs", "knn_k",
     "knn_temperature", "eval_batch_size", "memory_split", "test_split", "data_dir", "prefetch",
-    "checkpoint_every_steps", "keep_checkpoints", "skip_corrupt",
+    "checkpoint_every_steps", "keep_checkpoints", "skip_corrupt", "num_devices", "distributed",
 })
 
 
@@ -118,6 +118,8 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
         _fail("knn_every_epochs", knn_every_epochs, "it must be a number >= 0",
               "Use 0 to run the kNN monitor only before and after training.")
     _check_checkpoint_keys(config)
+    _check_seed_and_prefetch(config)
+    _check_normalization(config)
 
     batch_size = config["batch_size"]
     try:
@@ -130,11 +132,45 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
               f"the global batch must split evenly over {num_devices} devices",
               f"Use a multiple of {num_devices}, e.g. {lower} or {lower + num_devices}.")
     groups = config.get("bn_groups", 1)
-    per_device = batch_size // num_devices
-    if per_device % groups:
+    if batch_size % groups:
         _fail("bn_groups", groups,
-              f"the per-device batch of {per_device} cannot be split into {groups} equal BN groups",
-              "Use a divisor of the per-device batch size (1 gives plain BatchNorm).")
+              f"the global batch of {batch_size} cannot be split into {groups} equal BN groups",
+              "Use a divisor of batch_size (1 gives plain BatchNorm); a group may span devices.")
+    eval_batch_size = config.get("eval_batch_size", num_devices)
+    if eval_batch_size % num_devices:
+        lower = max(num_devices, eval_batch_size // num_devices * num_devices)
+        _fail("eval_batch_size", eval_batch_size,
+              f"evaluation batches must split evenly over {num_devices} devices",
+              f"Use a multiple of {num_devices}, e.g. {lower} or {lower + num_devices}.")
+
+
+def _check_seed_and_prefetch(config: Mapping[str, Any]) -> None:
+    seed = config["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        _fail("seed", seed, "it must be an integer >= 0", "Use e.g. 0.")
+    prefetch = config.get("prefetch", 0)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        _fail("prefetch", prefetch, "it must be an integer >= 0",
+              "Use 0 to load batches in the training thread, or e.g. 2.")
+
+
+def _check_normalization(config: Mapping[str, Any]) -> None:
+    mean, std = tuple(config.get("mean", ())), tuple(config.get("std", ()))
+    if bool(mean) != bool(std):
+        key, value = ("std", std) if mean else ("mean", mean)
+        _fail(key, value, "mean and std are used together",
+              "Give both (one value per channel) or leave both empty to use the dataset's values.")
+    for key, values in (("mean", mean), ("std", std)):
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail(key, values, f"{value!r} is not a number",
+                      "Give one number per channel, e.g. (0.4914, 0.4822, 0.4465).")
+    if len(mean) != len(std):
+        _fail("std", std, f"it has {len(std)} values but config.mean has {len(mean)}",
+              "Give one value per channel in each.")
+    if any(value <= 0 for value in std):
+        _fail("std", std, "every standard deviation must be > 0",
+              "Use the per-channel std of the pixel values in [0, 1], e.g. 0.25.")
 
 
 def _check_checkpoint_keys(config: Mapping[str, Any]) -> None:

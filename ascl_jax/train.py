@@ -35,6 +35,7 @@ from ascl_jax import checkpoint as checkpoint_lib
 from ascl_jax import config as config_lib
 from ascl_jax import data as data_lib
 from ascl_jax import models
+from ascl_jax import sharding
 from ascl_jax import train_state as state_lib
 from ascl_jax import train_step as step_lib
 from ascl_jax.data import pipeline
@@ -49,20 +50,27 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
-    """Appends one JSON object per line to `WORKDIR/metrics.jsonl`, flushed after every line."""
+    """Appends one JSON object per line to `WORKDIR/metrics.jsonl`, flushed after every line.
 
-    def __init__(self, workdir: str):
+    With `enabled=False`, as on every process but the first of a multi-process run, it writes
+    nothing.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Write `record`, converting numpy and JAX scalars to Python numbers."""
+        if self._file is None:
+            return
         clean = {key: _to_python(value) for key, value in record.items()}
         self._file.write(json.dumps(clean, sort_keys=True) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _to_python(value: Any) -> Any:
@@ -247,9 +255,14 @@ def load_run_data(config: Mapping[str, Any]) -> RunData:
         )
     for name, source in (("memory_split", memory), ("test_split", test)):
         if source.class_names != train.class_names:
+            only_here = sorted(set(source.class_names) - set(train.class_names))
+            only_train = sorted(set(train.class_names) - set(source.class_names))
             raise config_lib.ConfigError(
-                f"Invalid config.{name}={config[name]!r}: its classes {source.class_names[:5]}... "
-                f"differ from those of the training split {train.class_names[:5]}..."
+                f"Invalid config.{name}={config[name]!r}: its {len(source.class_names)} classes "
+                f"differ from the {len(train.class_names)} of config.train_split="
+                f"{config['train_split']!r} (only in {name}: {only_here}; only in train_split: "
+                f"{only_train}; the same names in another order count as different). Every "
+                "class folder counts, empty ones included, so give both splits the same folders."
             )
     return RunData(train=train, memory=memory, test=test, mean=mean, std=std)
 
@@ -290,11 +303,6 @@ def knn_top1(
     )
 
 
-def _batches_to_device(batches: Iterator[pipeline.Batch]) -> Iterator[tuple[pipeline.Batch, Any]]:
-    for batch in batches:
-        yield batch, (jax.device_put(batch.images), jax.device_put(batch.labels))
-
-
 # The run.
 
 
@@ -317,10 +325,13 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, flo
             saved first.
     """
     start_time = time.time()
-    config_lib.validate_config(config)
+    sharding.initialize_distributed(enabled=config.get("distributed", False))
+    mesh = create_mesh(config)
+    config_lib.validate_config(config, num_devices=mesh.size)
+    logger.info("Devices: %s", sharding.describe(mesh))
     manager = _open_checkpoints(config, workdir)
     try:
-        summary = _run(config, workdir, manager)
+        summary = _run(config, workdir, manager, mesh)
     finally:
         # Pending asynchronous saves must finish before the process may exit.
         manager.wait_until_finished()
@@ -332,6 +343,25 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict[str, flo
         summary["wall_time_s"],
     )
     return summary
+
+
+def create_mesh(config: Mapping[str, Any]) -> jax.sharding.Mesh:
+    """Build the data-parallel mesh over config.num_devices devices (0: every device)."""
+    available = jax.devices()
+    requested = config.get("num_devices", 0)
+    if isinstance(requested, bool) or not isinstance(requested, int) or not (
+        0 <= requested <= len(available)
+    ):
+        raise config_lib.ConfigError(
+            f"Invalid config.num_devices={requested!r}: {len(available)} devices are available. "
+            f"Use 0 for all of them, or a number from 1 to {len(available)}."
+        )
+    if requested and jax.process_count() > 1:
+        raise config_lib.ConfigError(
+            f"Invalid config.num_devices={requested!r}: a multi-process run uses every device "
+            "of every process. Use 0."
+        )
+    return sharding.create_mesh(available[:requested] if requested else available)
 
 
 def _open_checkpoints(config: Mapping[str, Any], workdir: str) -> ocp.CheckpointManager:
@@ -348,8 +378,9 @@ def _open_checkpoints(config: Mapping[str, Any], workdir: str) -> ocp.Checkpoint
             config_lib.check_resume_compatible(
                 meta.get("config", {}), config, checkpoint=checkpoint_lib.step_path(manager, step)
             )
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
-            json.dump(_config_dict(config), file, indent=2, sort_keys=True)
+        if sharding.is_main_process():
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
+                json.dump(_config_dict(config), file, indent=2, sort_keys=True)
     except OSError as error:
         manager.close()
         raise _unwritable_workdir(workdir, error) from error
@@ -368,9 +399,10 @@ def _unwritable_workdir(workdir: str, error: OSError) -> config_lib.ConfigError:
 
 @dataclasses.dataclass
 class _Run:
-    """What the loop reads and writes, besides the state."""
+    """Inputs and outputs of the training loop, besides the state."""
 
     config: Mapping[str, Any]
+    mesh: jax.sharding.Mesh
     run_data: RunData
     train_step: Any
     feature_fn: Any
@@ -426,7 +458,10 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def _run(config: Mapping[str, Any], workdir: str, manager: ocp.CheckpointManager) -> dict:
+def _run(
+    config: Mapping[str, Any], workdir: str, manager: ocp.CheckpointManager,
+    mesh: jax.sharding.Mesh,
+) -> dict:
     """Load the data, restore or build the state, and train; return the summary."""
     # Data.
     run_data = load_run_data(config)
@@ -474,25 +509,30 @@ def _run(config: Mapping[str, Any], workdir: str, manager: ocp.CheckpointManager
             projection_dim=config["projection_dim"],
         )
 
-    state, start_step = _restore_or_create(create_state, config, manager, meta)
+    state, start_step = _restore_or_create(create_state, config, manager, meta, mesh)
 
-    train_step = jax.jit(
-        step_lib.make_train_step(config, model, schedule, mean=run_data.mean, std=run_data.std),
-        donate_argnums=0,
+    train_step = sharding.shard_train_step(
+        step_lib.make_train_step(config, model, schedule, mean=run_data.mean, std=run_data.std,
+                                 axis_name=sharding.DATA_AXIS),
+        mesh, state,
     )
-    feature_fn = jax.jit(
+    feature_fn = sharding.shard_feature_fn(
         step_lib.make_feature_fn(
             model, image_size=config["image_size"], mean=run_data.mean, std=run_data.std
-        )
+        ),
+        mesh, state,
     )
 
     metrics_path = os.path.join(workdir, METRICS_FILE)
-    previous_records = truncate_metrics(metrics_path, start_step if start_step else -1)
-    writer = MetricWriter(workdir)
+    main_process = sharding.is_main_process()
+    previous_records = []
+    if main_process:
+        previous_records = truncate_metrics(metrics_path, start_step if start_step else -1)
+    writer = MetricWriter(workdir, enabled=main_process)
     try:
         with StopSignals() as stop:
             run = _Run(
-                config=config, run_data=run_data, train_step=train_step, feature_fn=feature_fn,
+                config=config, mesh=mesh, run_data=run_data, train_step=train_step, feature_fn=feature_fn,
                 writer=writer, manager=manager, stop=stop, steps_per_epoch=steps_per_epoch,
                 total_steps=total_steps, meta=meta, previous_records=previous_records,
             )
@@ -503,12 +543,13 @@ def _run(config: Mapping[str, Any], workdir: str, manager: ocp.CheckpointManager
     return summary
 
 
-def _restore_or_create(create_state, config, manager, meta) -> tuple[state_lib.TrainState, int]:
-    """Restore the newest readable checkpoint, or build a fresh state when there is none."""
+def _restore_or_create(
+    create_state, config, manager, meta, mesh
+) -> tuple[state_lib.TrainState, int]:
+    """Restore the newest readable checkpoint onto `mesh`, or build a fresh state there."""
     rng = jax.random.PRNGKey(config["seed"])
-    target = checkpoint_lib.abstract_target(
-        jax.eval_shape(create_state, rng), _state_sharding()
-    )
+    shapes = jax.eval_shape(create_state, rng)
+    target = checkpoint_lib.abstract_target(shapes, sharding.state_shardings(shapes, mesh))
 
     def check_meta(path: str, saved: dict[str, Any]) -> None:
         config_lib.check_resume_compatible(saved.get("config", {}), config, checkpoint=path)
@@ -529,17 +570,10 @@ def _restore_or_create(create_state, config, manager, meta) -> tuple[state_lib.T
         # are not committed to a device; a restored state has an int32 step and committed
         # arrays. Matching them gives fresh and resumed runs one compiled train step.
         state = state.replace(step=jnp.asarray(state.step, jnp.int32))
-        return jax.device_put(state, _state_sharding()), 0
+        return sharding.put_state(state, mesh), 0
     logger.info("Resuming from the checkpoint %s at step %d.",
                 checkpoint_lib.step_path(manager, restored.step), restored.step)
     return restored.state, restored.step
-
-
-def _state_sharding() -> jax.sharding.Sharding:
-    """Return where the train state lives: replicated on the first local device."""
-    # NOTE: training runs on one device; data-parallel training replaces this with the
-    # state shardings of its mesh, and restores into them unchanged.
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _train_loop(run: _Run, state: state_lib.TrainState, start_step: int) -> dict[str, Any]:
@@ -563,17 +597,23 @@ def _train_loop(run: _Run, state: state_lib.TrainState, start_step: int) -> dict
         knn_every_steps = max(1, round(config["knn_every_epochs"] * run.steps_per_epoch))
     checkpoint_every = config["checkpoint_every_steps"]
     guard = FiniteGuard()
+    # Each process loads only the rows of every global batch that its devices take.
     batches = pipeline.train_batches(
         run.run_data.train, batch_size=batch_size, seed=config["seed"], start_step=start_step,
         num_steps=total_steps - start_step, prefetch=config["prefetch"],
+        rows=sharding.process_batch_rows(run.mesh, batch_size),
     )
     progress = tqdm.tqdm(
         total=total_steps * batch_size, initial=start_step * batch_size, unit="img",
-        unit_scale=True, dynamic_ncols=True, desc="pretrain", disable=None,
+        unit_scale=True, dynamic_ncols=True, desc="pretrain",
+        disable=None if sharding.is_main_process() else True,
     )
     window_start, window_images = time.time(), 0
     try:
-        for batch, (images, labels) in _batches_to_device(batches):
+        for batch in batches:
+            images, labels = sharding.global_batch(
+                run.mesh, batch.images, batch.labels, batch_size=batch_size
+            )
             step = batch.step + 1
             first_step = step == start_step + 1
             if first_step:

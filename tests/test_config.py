@@ -44,6 +44,12 @@ def test_shipped_configs_are_valid(module):
         ({"weight_decay": -1.0}, r"config.weight_decay=-1.0"),
         ({"learning_rate": 0}, r"config.learning_rate=0"),
         ({"test_split": ""}, r"config.test_split=''"),
+        ({"seed": -1}, r"config.seed=-1.*>= 0"),
+        ({"prefetch": -2}, r"config.prefetch=-2.*>= 0"),
+        ({"mean": (0.5,)}, r"config.std=\(\).*Give both"),
+        ({"mean": (0.5,), "std": (0.0,)}, r"config.std=\(0.0,\).*> 0"),
+        ({"mean": ("abc",), "std": (0.5,)}, r"config.mean=\('abc',\).*not a number"),
+        ({"mean": (0.5, 0.5), "std": (0.5,)}, r"config.std=\(0.5,\).*has 2"),
     ],
 )
 def test_validation_names_bad_value(overrides, message):

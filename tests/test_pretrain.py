@@ -22,7 +22,7 @@ TINY_OVERRIDES = {
     "num_train_steps": 4,
     "log_every_steps": 2,
     "warmup_epochs": 0,
-    "eval_batch_size": 500,
+    "eval_batch_size": 512,
 }
 
 
@@ -105,3 +105,22 @@ def test_unwritable_workdir_fails_with_its_path(tmp_path):
     config = default.get_config()
     with pytest.raises(ValueError, match=r"Invalid --workdir=.*file/run.*cannot write"):
         train.train_and_evaluate(config, str(blocker / "run"))
+
+
+def test_split_class_mismatch_names_the_classes(tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog", "empty")), ("test", ("cat", "dog"))):
+        for name in classes:
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            if name != "empty":
+                Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / "0.png")
+    config = default.get_config()
+    config.dataset = "folder"
+    config.data_dir = str(tmp_path)
+    config.image_size = 8
+    with pytest.raises(ValueError, match=r"config.test_split='test'") as error:
+        train.load_run_data(config)
+    assert "only in train_split: ['empty']" in str(error.value)
+    assert "empty ones included" in str(error.value)

@@ -35,6 +35,8 @@ OVERRIDES = {
     "queue_size": 128,
     "warmup_epochs": 0,
     "eval_batch_size": 500,
+    # One device keeps compilation short; the sharded path has its own tests.
+    "num_devices": 1,
     # The 2,000 test images keep data loading and the kNN monitor short.
     "train_split": "test",
     "memory_split": "test",
@@ -202,9 +204,9 @@ def test_incompatible_config_names_keys(tmp_path, cache_dir, reference):
     assert read_metrics(workdir) == reference[1]
 
 
-def fake_make_train_step(config, model, schedule, *, mean, std):
+def fake_make_train_step(config, model, schedule, *, mean, std, axis_name=None):
     """Build a step that leaves the parameters alone and reports a NaN loss from step 19 on."""
-    del config, model, mean, std
+    del config, model, mean, std, axis_name
 
     def train_step(state, images, labels):
         del images, labels

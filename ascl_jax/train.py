@@ -267,6 +267,15 @@ def load_run_data(config: Mapping[str, Any]) -> RunData:
     return RunData(train=train, memory=memory, test=test, mean=mean, std=std)
 
 
+def _knn_k(knn_k: int, bank_size: int) -> int:
+    """Return knn_k, clamped to the memory bank's size with a warning."""
+    if knn_k <= bank_size:
+        return knn_k
+    logger.warning("config.knn_k=%d exceeds the %d labelled memory-bank examples; using k=%d.",
+                   knn_k, bank_size, bank_size)
+    return bank_size
+
+
 def num_train_steps(config: Mapping[str, Any], steps_per_epoch: int) -> int:
     """Return num_train_steps when set, else num_epochs whole epochs."""
     if config["num_train_steps"] > 0:
@@ -298,7 +307,7 @@ def knn_top1(
         jnp.asarray(queries),
         jnp.asarray(query_labels),
         num_classes=run_data.train.num_classes,
-        k=min(config["knn_k"], int(labelled.sum())),
+        k=_knn_k(config["knn_k"], int(labelled.sum())),
         temperature=config["knn_temperature"],
     )
 

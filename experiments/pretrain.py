@@ -45,6 +45,8 @@ def main(argv: list[str]) -> None:
 
     # orbax logs every save and restore step at INFO through absl; keep its warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # JAX logs at INFO each accelerator backend it fails to find (TPU on every CPU machine).
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except train.TrainingInterrupted as interrupted:

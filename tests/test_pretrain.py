@@ -124,3 +124,10 @@ def test_split_class_mismatch_names_the_classes(tmp_path):
         train.load_run_data(config)
     assert "only in train_split: ['empty']" in str(error.value)
     assert "empty ones included" in str(error.value)
+
+
+def test_knn_k_larger_than_bank_is_clamped_with_warning(caplog):
+    with caplog.at_level("WARNING", logger="ascl_jax"):
+        assert train._knn_k(5000, 2000) == 2000
+    assert "config.knn_k=5000 exceeds the 2000" in caplog.text
+    assert train._knn_k(200, 2000) == 200

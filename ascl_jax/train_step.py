@@ -2,7 +2,8 @@
 
 1. EMA update of the target parameters from the online parameters.
 2. Strong view through the online network, weak view through the target network (with the
-   target batch shuffled around the target encoder, so BatchNorm cannot leak the positive).
+   target batch shuffled around the target encoder, so a key rarely shares BatchNorm groups
+   with its own query).
 3. Soft labels from the queue as it was before this step.
 4. Soft InfoNCE loss and an SGD update of the online parameters.
 5. Enqueue the target embeddings of the batch.
@@ -43,16 +44,11 @@ import optax
 from ascl_jax import augment
 from ascl_jax import losses
 from ascl_jax import queue as queue_lib
+from ascl_jax.evaluation.knn import l2_normalize
 from ascl_jax.models.batch_norm import with_batch_norm_axis
 from ascl_jax.train_state import TrainState
 
 Metrics = dict[str, jax.Array]
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Scale each row of `x` to unit L2 norm, computed in float32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def ema_update(target_params: Any, online_params: Any, momentum: float) -> Any:

@@ -39,8 +39,7 @@ def l2_normalize(x: Any, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     features lose no precision in the norm. Zero vectors stay zero.
     """
     x = jnp.asarray(x, dtype=jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def _cosine_similarity(queries: jax.Array, bank: jax.Array) -> jax.Array:

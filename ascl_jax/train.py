@@ -7,9 +7,9 @@ step 0, trains with periodic logging, kNN evaluation and checkpoints, evaluates 
 saves the last checkpoint.
 
 Resuming. Rerunning the same command with the same workdir restores the newest checkpoint that
-reads and continues from its step. The data order is a function of (seed, step), the
-augmentation keys are folded from the state's key and step, and the schedule is a function of the
-step, so the steps after a resume compute what an uninterrupted run computes. Every line of
+reads and continues from its step. The data order, the augmentation keys and the schedule are
+all functions of the seed and the step. So the steps after a resume compute what an
+uninterrupted run computes. Every line of
 `metrics.jsonl` for step s is written before the checkpoint of step s is saved, and a resumed run
 first removes the lines after its checkpoint's step, so the file reads as one uninterrupted run.
 """
@@ -575,9 +575,8 @@ def _restore_or_create(
     if restored is None:
         logger.info("No checkpoint in %s; starting at step 0.", manager.directory)
         state = create_state(rng)
-        # A fresh state's step is a Python int, which jit treats as weakly typed, and its arrays
-        # are not committed to a device; a restored state has an int32 step and committed
-        # arrays. Matching them gives fresh and resumed runs one compiled train step.
+        # A restored state has an int32 step and committed arrays. Giving the fresh state the
+        # same types lets fresh and resumed runs share one compiled train step.
         state = state.replace(step=jnp.asarray(state.step, jnp.int32))
         return sharding.put_state(state, mesh), 0
     logger.info("Resuming from the checkpoint %s at step %d.",

@@ -126,7 +126,7 @@ def test_split_class_mismatch_names_the_classes(tmp_path):
     assert "empty ones included" in str(error.value)
 
 
-def test_knn_k_larger_than_bank_is_clamped_with_warning(caplog):
+def test_knn_k_clamped_to_bank(caplog):
     with caplog.at_level("WARNING", logger="ascl_jax"):
         assert train._knn_k(5000, 2000) == 2000
     assert "config.knn_k=5000 exceeds the 2000" in caplog.text

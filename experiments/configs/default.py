@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.projection_dim = 128
     # Number of "ghost" BatchNorm groups the batch is split into; 1 is plain BatchNorm.
     config.bn_groups = 8
-    # Shuffle the target batch before the target encoder so BN statistics cannot leak the positive.
+    # Shuffle the target batch around the target encoder, so that a key and its own query rarely
+    # fall into the same BN group and BN statistics cannot serve as a shortcut to the positive.
     config.shuffle_bn = True
 
     # Method.

@@ -36,6 +36,7 @@ from ascl_jax import config as config_lib
 from ascl_jax import data as data_lib
 from ascl_jax import models
 from ascl_jax import sharding
+from ascl_jax import summary
 from ascl_jax import train_state as state_lib
 from ascl_jax import train_step as step_lib
 from ascl_jax.data import pipeline
@@ -52,13 +53,24 @@ METRICS_FILE = "metrics.jsonl"
 class MetricWriter:
     """Appends one JSON object per line to `WORKDIR/metrics.jsonl`, flushed after every line.
 
+    The same numbers go to TensorBoard event files in `WORKDIR/tensorboard`; `previous_records`,
+    the lines kept from an earlier process, are written there again first (see `summary`).
+
     With `enabled=False`, as on every process but the first of a multi-process run, it writes
     nothing.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(
+        self, workdir: str, *, enabled: bool = True,
+        previous_records: Sequence[Mapping[str, Any]] = (),
+    ):
         self.path = os.path.join(workdir, METRICS_FILE)
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._events = None
+        if enabled:
+            self._events = summary.EventWriter(
+                os.path.join(workdir, summary.TENSORBOARD_DIR), previous_records
+            )
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Write `record`, converting numpy and JAX scalars to Python numbers."""
@@ -67,10 +79,12 @@ class MetricWriter:
         clean = {key: _to_python(value) for key, value in record.items()}
         self._file.write(json.dumps(clean, sort_keys=True) + "\n")
         self._file.flush()
+        self._events.write(clean)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._events.close()
 
 
 def _to_python(value: Any) -> Any:
@@ -537,7 +551,7 @@ def _run(
     previous_records = []
     if main_process:
         previous_records = truncate_metrics(metrics_path, start_step if start_step else -1)
-    writer = MetricWriter(workdir, enabled=main_process)
+    writer = MetricWriter(workdir, enabled=main_process, previous_records=previous_records)
     try:
         with StopSignals() as stop:
             run = _Run(

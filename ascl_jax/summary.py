@@ -5,8 +5,8 @@ so `tensorboard --logdir WORKDIR/tensorboard` shows the same curves that `experi
 draws. The writer uses the `tensorboard` package alone; TensorFlow is not imported.
 
 The event files are derived data. When a run resumes, `metrics.jsonl` is first cut back to the
-checkpoint's step; `EventWriter` then writes the kept records into a new event file and removes
-the older files, so TensorBoard never shows two values for one step.
+checkpoint's step. `EventWriter` then writes the kept records into a new event file and removes
+the older files, so TensorBoard shows one value per step.
 """
 
 import glob
@@ -35,10 +35,10 @@ def scalar_values(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 class EventWriter:
-    """Writes metrics records as TensorBoard scalars in `logdir`.
+    """Writer of metrics records as TensorBoard scalars in `logdir`.
 
-    `previous_records` are the records already in `metrics.jsonl`; they are written first, into a
-    new file, and older event files in `logdir` are deleted once the new file is flushed.
+    `previous_records` are the records already in `metrics.jsonl`. They go first into a new file,
+    and the older event files in `logdir` are deleted once that file is flushed.
     """
 
     def __init__(self, logdir: str, previous_records: Iterable[Mapping[str, Any]] = ()):

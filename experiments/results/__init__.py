@@ -1,0 +1,1 @@
+"""Tools that turn pretraining workdirs into the figures and tables of the results page."""

@@ -4,7 +4,7 @@ Usage:
     python -m experiments.linear_eval --workdir=DIR [--mode=augmented|features] [--epochs=N]
         [--batch_size=N] [--learning_rate=X] [--holdout=N] [--seed=N] [--step=N]
         [--train_split=SPLIT] [--test_split=SPLIT] [--max_train_examples=N]
-        [--max_test_examples=N]
+        [--max_test_examples=N] [--normalize_features]
 
 The frozen online backbone of the newest checkpoint in DIR/checkpoints (or of --step) gets a
 linear head trained on the run's train_split and tested on its test_split, with the dataset
@@ -65,6 +65,10 @@ _MAX_TRAIN = flags.DEFINE_integer(
 )
 _MAX_TEST = flags.DEFINE_integer(
     "max_test_examples", 0, "When > 0, test on a fixed random subset of this many images."
+)
+_NORMALIZE = flags.DEFINE_boolean(
+    "normalize_features", False, "L2-normalise the backbone features before the head, as the "
+    "kNN monitor does. The protocol uses the raw features."
 )
 flags.mark_flags_as_required(["workdir"])
 
@@ -143,6 +147,7 @@ def main(argv: list[str]) -> None:
         mode=_MODE.value, epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
         learning_rate=_LEARNING_RATE.value, holdout=_HOLDOUT.value, seed=_SEED.value,
         max_train_examples=_MAX_TRAIN.value, max_test_examples=_MAX_TEST.value,
+        normalize_features=_NORMALIZE.value,
     )
     try:
         sharding.initialize_distributed()

@@ -471,6 +471,28 @@ def test_augmented_mode_leaves_backbone_bit_identical(tiny_run):
     assert jax.tree.leaves(before["batch_stats"])
 
 
+@pytest.mark.parametrize("mode", ["features", "augmented"])
+def test_normalized_features_have_unit_norm(tiny_run, mode):
+    model_config, backbone, variables = linear.load_frozen_backbone(tiny_run)
+    images = data_lib.load_source("embedded", "test", image_size=28)
+    extract = linear.BackboneFeatures(
+        backbone, variables, mesh=sharding.create_mesh(), image_size=28,
+        mean=model_config["mean"], std=model_config["std"], batch_size=12, normalize=True,
+    )
+    features, _ = extract(linear.IndexedSource(images, np.arange(30)))
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+
+    settings = linear.LinearEvalSettings(mode=mode, epochs=1, batch_size=20, learning_rate=10.0,
+                                         max_train_examples=50, max_test_examples=30,
+                                         normalize_features=True)
+    result = linear.linear_evaluation(
+        backbone, variables, images, images, settings, mesh=sharding.create_mesh(),
+        image_size=28, mean=model_config["mean"], std=model_config["std"], eval_batch_size=12,
+    )
+    assert result["normalize_features"] is True
+    assert np.isfinite(result["history"][0]["train_loss"])
+
+
 def test_holdout_larger_than_train_split_fails_before_training(tiny_run):
     settings = linear.LinearEvalSettings(mode="features", holdout=2000)
     with pytest.raises(ValueError, match=r"Invalid holdout=2000: .* 2000 labelled images"):

@@ -75,7 +75,7 @@ CONFIG_FILE = "config.json"
 # same values.
 RESULT_KEYS = (
     "step", "mode", "epochs", "batch_size", "learning_rate", "holdout", "seed",
-    "max_train_examples", "max_test_examples", "train_split", "test_split",
+    "max_train_examples", "max_test_examples", "train_split", "test_split", "normalize_features",
 )
 
 Head = dict[str, jax.Array]
@@ -97,6 +97,9 @@ class LinearEvalSettings:
     # When > 0, a fixed random subset of this many labelled training (test) images is used.
     max_train_examples: int = 0
     max_test_examples: int = 0
+    # L2-normalise the backbone features before the head, as the kNN monitor does. The protocol
+    # feeds the raw features; a small backbone's raw features can make learning rate 10 diverge.
+    normalize_features: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting and the values that would work."""
@@ -119,6 +122,10 @@ class LinearEvalSettings:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"Invalid {name}={value!r}: use an integer >= 0.")
+        if not isinstance(self.normalize_features, (bool, np.bool_)):
+            raise ValueError(
+                f"Invalid normalize_features={self.normalize_features!r}: use True or False."
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -397,6 +404,7 @@ def _make_augmented_step(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    normalize: bool = False,
 ) -> Callable:
     """Build the jitted step of "augmented" mode, with the batch split over `mesh`.
 
@@ -410,6 +418,8 @@ def _make_augmented_step(
         views = augment.augment_batch(key, images, augment.weak_view, size=image_size,
                                       mean=tuple(mean), std=tuple(std), scale=CROP_SCALE)
         features = backbone.apply(variables, views, train=False).astype(jnp.float32)
+        if normalize:
+            features = l2_normalize(features)
         grads, loss_sum = jax.grad(masked_cross_entropy, has_aux=True)(head, features, labels)
         updates, opt_state = tx.update(grads, opt_state, head)
         return optax.apply_updates(head, updates), opt_state, loss_sum
@@ -555,7 +565,8 @@ def train_augmented(
     tx, head, opt_state = _start(settings, feature_dim, num_classes, plan_size)
     replicated = sharding.replicated_sharding(mesh)
     head, opt_state = jax.device_put((head, opt_state), replicated)
-    step = _make_augmented_step(tx, backbone, mesh, image_size=image_size, mean=mean, std=std)
+    step = _make_augmented_step(tx, backbone, mesh, image_size=image_size, mean=mean, std=std,
+                                normalize=settings.normalize_features)
     rows = sharding.process_batch_rows(mesh, padded_size)
     # Separate from the head's initialisation key, which is PRNGKey(seed) itself.
     augment_key = jax.random.fold_in(jax.random.PRNGKey(settings.seed), 1)
@@ -635,7 +646,8 @@ def linear_evaluation(
     logger.info("Computing the backbone features of %d test%s images.", len(test_indices),
                 f", {len(holdout_indices)} held-out" if len(holdout_indices) else "")
     extract = BackboneFeatures(backbone, variables, mesh=mesh, image_size=image_size, mean=mean,
-                               std=std, batch_size=eval_batch_size)
+                               std=std, batch_size=eval_batch_size,
+                               normalize=settings.normalize_features)
     eval_sets = {"test": extract(IndexedSource(test_source, test_indices))}
     if len(holdout_indices):
         eval_sets["holdout"] = extract(IndexedSource(train_source, holdout_indices))

@@ -369,17 +369,29 @@ def _decode_entries(
 def _decode_chunk(entries: list[_ImageEntry], image_size: int | None) -> list[np.ndarray | str]:
     """Decode a list of entries; runs in a worker process."""
     results = []
-    for entry in entries:
-        try:
-            with open(entry.file_path, "rb") as file:
+    # Members of one archive share its file, which is opened once rather than once per image.
+    archive_path, archive = None, None
+    try:
+        for entry in entries:
+            try:
                 if entry.offset >= 0:
-                    file.seek(entry.offset)
-                    data = file.read(entry.size)
+                    if entry.file_path != archive_path:
+                        if archive is not None:
+                            archive.close()
+                        archive_path, archive = None, None
+                        archive = open(entry.file_path, "rb")  # noqa: SIM115 - closed below.
+                        archive_path = entry.file_path
+                    archive.seek(entry.offset)
+                    data = archive.read(entry.size)
                 else:
-                    data = file.read()
-            results.append(decode_image(data, image_size))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            results.append(f"{type(error).__name__}: {error}")
+                    with open(entry.file_path, "rb") as file:
+                        data = file.read()
+                results.append(decode_image(data, image_size))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                results.append(f"{type(error).__name__}: {error}")
+    finally:
+        if archive is not None:
+            archive.close()
     return results
 
 
@@ -391,7 +403,9 @@ def decode_image(data: bytes, image_size: int | None = None) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         grey = image.mode in _GREY_MODES
-        array = np.asarray(image.convert("L" if grey else "RGB"))
+        mode = "L" if grey else "RGB"
+        # convert() to the image's own mode only returns a copy, which np.asarray does not need.
+        array = np.asarray(image if image.mode == mode else image.convert(mode))
     array = array[..., None] if grey else array
     if image_size is not None:
         array = resize_and_center_crop(array, image_size)

@@ -110,9 +110,12 @@ def test_final_table_mean_std(experiment):
     with open(os.path.join(paths[0], "DONE"), "w") as file:
         file.write("== ascl_s0: 412 s\n")
     with open(os.path.join(paths[1], "linear_eval.json"), "w") as file:
-        json.dump({"test_top1": 0.8125, "test_top5": 0.9875, "reported": True}, file)
+        json.dump({"entries": [
+            {"mode": "features", "test_top1": 0.8125, "test_top5": 0.9875},
+            {"mode": "augmented", "test_top1": 0.5, "test_top5": 0.75},
+        ]}, file)
 
-    text = summarize.summarize(runs_lib.load_runs(paths))
+    text = summarize.summarize(runs_lib.load_runs(paths, linear_settings={"mode": "features"}))
     rows = table_rows(text, "Final results")
     ascl = [100 * logged[path]["knn"][TOTAL_STEPS] for path in paths[:3]]
     normal = [100 * logged[path]["knn"][TOTAL_STEPS] for path in paths[3:5]]
@@ -177,6 +180,29 @@ def test_wall_seconds_from_done(tmp_path):
     assert runs_lib.read_wall_seconds(str(done)) is None
 
 
+def test_linear_eval_entry_selection(tmp_path):
+    path = os.path.join(tmp_path, "linear_eval.json")
+    entries = [
+        {"mode": "features", "learning_rate": 1.0, "test_top1": 0.5, "test_top5": 0.9},
+        {"mode": "features", "learning_rate": 10.0, "test_top1": 0.4, "test_top5": 0.8},
+    ]
+    with open(path, "w") as file:
+        json.dump({"entries": entries}, file)
+    selected = runs_lib.read_linear_eval(path, {"learning_rate": 1})
+    assert selected == {"test_top1": 0.5, "test_top5": 0.9}
+    assert runs_lib.read_linear_eval(path, {"mode": "augmented"}) is None
+    with pytest.raises(runs_lib.RunsError, match="2 linear evaluations match .* learning_rate"):
+        runs_lib.read_linear_eval(path, {"mode": "features"})
+
+
+def test_parse_setting_reads_json_values():
+    assert runs_lib.parse_setting("normalize_features=true") == ("normalize_features", True)
+    assert runs_lib.parse_setting("learning_rate=1") == ("learning_rate", 1)
+    assert runs_lib.parse_setting("mode=features") == ("mode", "features")
+    with pytest.raises(runs_lib.RunsError, match="expected KEY=VALUE"):
+        runs_lib.parse_setting("mode")
+
+
 @pytest.mark.parametrize("case", ["baseline", "linear_eval", "linear_eval_json", "bad_json",
                                   "no_step", "label_count", "no_workdir"])
 def test_summarize_invalid_input(case, experiment, capsys):
@@ -189,7 +215,7 @@ def test_summarize_invalid_input(case, experiment, capsys):
         expected = "--baseline='moco' matches no label; the labels are 'ascl', 'normal'"
     elif case == "linear_eval":
         with open(linear_eval, "w") as file:
-            json.dump({"test_top1": 81.2, "test_top5": 98.0}, file)
+            json.dump({"entries": [{"test_top1": 81.2, "test_top5": 98.0}]}, file)
         expected = f"{linear_eval}: 'test_top1' is 81.2, expected a fraction in [0, 1]"
     elif case == "linear_eval_json":
         with open(linear_eval, "w") as file:

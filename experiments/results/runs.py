@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,11 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 LINEAR_EVAL_FILE = "linear_eval.json"
+# Fields of a linear-evaluation entry that name its settings, listed when several entries match.
+SETTING_KEYS = (
+    "step", "mode", "epochs", "batch_size", "learning_rate", "holdout", "seed",
+    "max_train_examples", "max_test_examples", "train_split", "test_split", "normalize_features",
+)
 DONE_FILE = "DONE"
 
 # Keys that the plots and tables read. Each must be a number where it appears, and a line with
@@ -151,14 +156,38 @@ def _read_json_object(path: str) -> dict[str, Any]:
     return content
 
 
-def read_linear_eval(path: str) -> dict[str, float] | None:
-    """Read `test_top1` and `test_top5` from a linear-evaluation file, if it exists.
+def read_linear_eval(
+    path: str, settings: Mapping[str, Any] | None = None
+) -> dict[str, float] | None:
+    """Read `test_top1` and `test_top5` of one entry of a linear-evaluation file, if it exists.
 
-    Both must be fractions in [0, 1], as `knn_top1` is in metrics.jsonl.
+    The file is {"entries": [...]}, as experiments/linear_eval.py writes it. `settings` selects
+    the entries whose fields equal its values, and exactly one entry may remain. A file without
+    a matching entry gives None. Both values must be fractions in [0, 1], as `knn_top1` is in
+    metrics.jsonl.
     """
     if not os.path.exists(path):
         return None
-    content = _read_json_object(path)
+    entries = _read_json_object(path).get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise RunsError(f"{path}: expected an object with a list of objects under 'entries'")
+    settings = dict(settings or {})
+    matching = [
+        entry for entry in entries
+        if all(key in entry and entry[key] == value for key, value in settings.items())
+    ]
+    if not matching:
+        return None
+    if len(matching) > 1:
+        differing = sorted(
+            key for key in set().union(*matching)
+            if key in SETTING_KEYS and len({json.dumps(e.get(key)) for e in matching}) > 1
+        )
+        raise RunsError(
+            f"{path}: {len(matching)} linear evaluations match {settings or 'no settings'}; "
+            f"choose one with --linear_setting=KEY=VALUE (they differ in {', '.join(differing)})"
+        )
+    content = matching[0]
     result = {}
     for key in ("test_top1", "test_top5"):
         value = content.get(key)
@@ -185,8 +214,13 @@ def read_wall_seconds(path: str) -> float | None:
     return seconds
 
 
-def load_run(workdir: str, label: str | None = None) -> Run:
-    """Read a workdir; `label` overrides the one built from its config."""
+def load_run(
+    workdir: str, label: str | None = None, linear_settings: Mapping[str, Any] | None = None
+) -> Run:
+    """Read a workdir; `label` overrides the one built from its config.
+
+    `linear_settings` selects the linear evaluation, as in `read_linear_eval`.
+    """
     if not os.path.isdir(workdir):
         raise RunsError(f"workdir {workdir} does not exist")
     metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -203,15 +237,20 @@ def load_run(workdir: str, label: str | None = None) -> Run:
         label=label,
         config=config,
         records=records,
-        linear_eval=read_linear_eval(os.path.join(workdir, LINEAR_EVAL_FILE)),
+        linear_eval=read_linear_eval(os.path.join(workdir, LINEAR_EVAL_FILE), linear_settings),
         wall_seconds=read_wall_seconds(os.path.join(workdir, DONE_FILE)),
     )
 
 
-def load_runs(workdirs: Sequence[str], labels: Sequence[str] = ()) -> list[Run]:
+def load_runs(
+    workdirs: Sequence[str],
+    labels: Sequence[str] = (),
+    linear_settings: Mapping[str, Any] | None = None,
+) -> list[Run]:
     """Read every workdir, checking the command-line values first.
 
     `labels` is empty (labels from the configs) or has one label per workdir.
+    `linear_settings` selects each run's linear evaluation, as in `read_linear_eval`.
     """
     if not workdirs:
         raise RunsError("no --workdir given; pass one --workdir=DIR per run")
@@ -230,8 +269,21 @@ def load_runs(workdirs: Sequence[str], labels: Sequence[str] = ()) -> list[Run]:
         if not label.strip():
             raise RunsError("a --label is empty; give each run a non-empty label")
     if not labels:
-        return [load_run(workdir) for workdir in workdirs]
-    return [load_run(workdir, label) for workdir, label in zip(workdirs, labels)]
+        labels = [None] * len(workdirs)
+    return [
+        load_run(workdir, label, linear_settings) for workdir, label in zip(workdirs, labels)
+    ]
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """Parse KEY=VALUE; VALUE is read as JSON (1, 1.0, true, "a") and else kept as a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise RunsError(f"invalid --linear_setting {text!r}: expected KEY=VALUE, e.g. mode=features")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:

@@ -243,6 +243,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="Setting of the matching --workdir, given once per workdir; runs "
                              "with the same label are seeds of one setting. Default: the "
                              "config's kind, plus the target view when it is not weak.")
+    parser.add_argument("--linear_setting", action="append", default=[],
+                        help="KEY=VALUE that selects the entry of each linear_eval.json, e.g. "
+                             "mode=features; repeat for several keys. Needed when a file has "
+                             "several entries.")
     parser.add_argument("--baseline", default=None,
                         help="Label whose final kNN top-1 the other settings are compared to, "
                              "e.g. normal.")
@@ -252,7 +256,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        runs = runs_lib.load_runs(args.workdir, args.label)
+        linear_settings = dict(runs_lib.parse_setting(text) for text in args.linear_setting)
+        runs = runs_lib.load_runs(args.workdir, args.label, linear_settings)
         text = summarize(runs, args.baseline)
     except runs_lib.RunsError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ascl_jax import losses
 from ascl_jax import queue as queue_lib
-from ascl_jax.models import MODELS, STEMS
+from ascl_jax.models import COMPUTE_DTYPES, MODELS, STEMS
 
 TARGET_VIEWS = ("weak", "strong")
 
@@ -31,6 +31,11 @@ RESUMABLE_KEYS = frozenset({
     "knn_temperature", "eval_batch_size", "memory_split", "test_split", "data_dir", "prefetch",
     "checkpoint_every_steps", "keep_checkpoints", "skip_corrupt", "num_devices", "distributed",
 })
+
+
+# Values that keys added after the first release had before they existed, so that a checkpoint
+# saved without such a key still resumes under a config that sets it to this value.
+IMPLICIT_KEY_VALUES: dict[str, Any] = {"compute_dtype": "float32"}
 
 
 class ConfigError(ValueError):
@@ -91,6 +96,10 @@ def validate_config(config: Mapping[str, Any], *, num_devices: int = 1) -> None:
         _fail("num_neighbors", config["num_neighbors"],
               f"K cannot exceed the queue size {config['queue_size']}",
               f"Use a value in [1, {config['queue_size']}].")
+    compute_dtype = config.get("compute_dtype", "float32")
+    if not isinstance(compute_dtype, str) or compute_dtype not in COMPUTE_DTYPES:
+        _fail("compute_dtype", compute_dtype, "unknown computation dtype",
+              f"Choose one of {tuple(COMPUTE_DTYPES)}; parameters stay float32 in both.")
     if config.get("target_view", "weak") not in TARGET_VIEWS:
         _fail("target_view", config["target_view"], "unknown view", f"Choose one of {TARGET_VIEWS}.")
 
@@ -195,10 +204,11 @@ def check_resume_compatible(
 
     `saved` is the config stored with the checkpoint named by `checkpoint`. Both configs are
     compared as JSON values, so a tuple and a list with equal items are equal. A key present in
-    only one of them counts as changed.
+    only one of them counts as changed, except that a key of IMPLICIT_KEY_VALUES that is
+    missing counts as its value there.
     """
-    saved = json.loads(json.dumps(dict(saved)))
-    current = json.loads(json.dumps(_plain_dict(config)))
+    saved = {**IMPLICIT_KEY_VALUES, **json.loads(json.dumps(dict(saved)))}
+    current = {**IMPLICIT_KEY_VALUES, **json.loads(json.dumps(_plain_dict(config)))}
     changes = []
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_KEYS:

@@ -506,6 +506,7 @@ def _run(
         bn_groups=config["bn_groups"],
         hidden_dim=config["hidden_dim"],
         projection_dim=config["projection_dim"],
+        dtype=models.compute_dtype(config.get("compute_dtype", "float32")),
     )
     schedule = state_lib.learning_rate_schedule(
         config["learning_rate"],
@@ -625,6 +626,13 @@ def _train_loop(run: _Run, state: state_lib.TrainState, start_step: int) -> dict
         num_steps=total_steps - start_step, prefetch=config["prefetch"],
         rows=sharding.process_batch_rows(run.mesh, batch_size),
     )
+    # Device prefetch: the next batches are put on the mesh while the current step runs.
+    batches = pipeline.prefetch_to_device(
+        batches,
+        lambda images, labels: sharding.global_batch(
+            run.mesh, images, labels, batch_size=batch_size
+        ),
+    )
     progress = tqdm.tqdm(
         total=total_steps * batch_size, initial=start_step * batch_size, unit="img",
         unit_scale=True, dynamic_ncols=True, desc="pretrain",
@@ -633,9 +641,7 @@ def _train_loop(run: _Run, state: state_lib.TrainState, start_step: int) -> dict
     window_start, window_images = time.time(), 0
     try:
         for batch in batches:
-            images, labels = sharding.global_batch(
-                run.mesh, batch.images, batch.labels, batch_size=batch_size
-            )
+            images, labels = batch.images, batch.labels
             step = batch.step + 1
             first_step = step == start_step + 1
             if first_step:

@@ -151,7 +151,8 @@ def make_train_step(
             train=True,
             mutable=["batch_stats"],
         )
-        return l2_normalize(projection), updates["batch_stats"]
+        # The loss math runs in float32 whatever the model's computation dtype.
+        return l2_normalize(projection.astype(jnp.float32)), updates["batch_stats"]
 
     def train_step(
         state: TrainState, images: jax.Array, labels: jax.Array

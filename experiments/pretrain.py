@@ -37,6 +37,10 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # XLA reads its flags when JAX starts a backend, so the platform defaults come first.
+    from ascl_jax import platform
+
+    platform.apply_platform_defaults()
     # Imported here so that --help does not pay for importing JAX.
     from ascl_jax import train
     from ascl_jax.checkpoint import CheckpointError

@@ -13,13 +13,18 @@ from ascl_jax.models.resnet import RESNET_SPECS, STEMS, ResNet, resnet, resnet_f
 
 MODELS: tuple[str, ...] = tuple(RESNET_SPECS)
 
+# Computation dtypes by config name (config.compute_dtype). Parameters stay float32 in both.
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 __all__ = [
     "MODELS",
     "STEMS",
+    "COMPUTE_DTYPES",
     "Encoder",
     "Projector",
     "ResNet",
     "SplitBatchNorm",
+    "compute_dtype",
     "create_encoder",
     "feature_dim",
 ]
@@ -33,6 +38,19 @@ def _check_model(model: str) -> None:
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def compute_dtype(name: str) -> Any:
+    """Return the jnp dtype of the computation dtype called ``name`` ("float32", "bfloat16").
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"Unknown compute dtype {name!r}. Valid compute dtypes: {', '.join(COMPUTE_DTYPES)}."
+        )
+    return COMPUTE_DTYPES[name]
 
 
 def feature_dim(model: str, width: int = 64) -> int:

@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Hidden and output sizes of the projector MLP.
     config.hidden_dim = 512
     config.projection_dim = 128
+    # Computation dtype of convolutions and dense layers: "float32" or "bfloat16" (mixed
+    # precision). Parameters, optimiser state, BatchNorm statistics and the loss math stay float32.
+    config.compute_dtype = "float32"
     # Number of "ghost" BatchNorm groups the batch is split into; 1 is plain BatchNorm.
     config.bn_groups = 8
     # Shuffle the target batch around the target encoder, so that a key and its own query rarely

@@ -154,6 +154,20 @@ def test_statistics_table_last_epoch(experiment):
         assert rows[0][column] == mean_std(per_run, digits=3)
 
 
+def test_statistics_moved_mass_share(experiment):
+    paths, logged = experiment
+    text = summarize.summarize(runs_lib.load_runs(paths))
+    rows = {row[0]: row for row in table_rows(text, "Training statistics in the last epoch")}
+    shares = []
+    for path in paths[:3]:
+        means = {}
+        for key in ("same_class_rate", "positive_weight"):
+            epochs, values = (np.array(series) for series in logged[path][key])
+            means[key] = values[epochs > 2.0].mean()
+        shares.append(means["same_class_rate"] / (1.0 - means["positive_weight"]))
+    assert rows["ascl"][-1] == mean_std(shares, digits=3)
+
+
 def test_baseline_difference(experiment):
     paths, logged = experiment
     text = summarize.summarize(runs_lib.load_runs(paths), baseline="normal")

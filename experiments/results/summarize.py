@@ -151,6 +151,19 @@ def last_epoch_mean(run: Run, key: str) -> float | None:
     return float(values[epochs > last - 1].mean())
 
 
+def moved_mass_precision(run: Run) -> float | None:
+    """Same-class share of the label mass moved off the positive, over the last epoch.
+
+    It is the last-epoch same_class_rate over (1 - positive_weight), and None for a run that
+    moves no mass (normal) or logs neither key.
+    """
+    same_class = last_epoch_mean(run, "same_class_rate")
+    positive = last_epoch_mean(run, "positive_weight")
+    if same_class is None or positive is None or 1.0 - positive < 1e-6:
+        return None
+    return same_class / (1.0 - positive)
+
+
 def statistics_table(groups: dict[str, list[Run]]) -> str:
     """Build table 3: last-epoch means of the training statistics, mean ± std over the runs."""
     rows = []
@@ -160,8 +173,12 @@ def statistics_table(groups: dict[str, list[Run]]) -> str:
             means = [mean for mean in (last_epoch_mean(run, key) for run in runs)
                      if mean is not None]
             row.append(_with_count(format_mean_std(means, digits=3), len(means), len(runs)))
+        shares = [share for share in map(moved_mass_precision, runs) if share is not None]
+        row.append(_with_count(format_mean_std(shares, digits=3), len(shares), len(runs))
+                   if shares else "")
         rows.append(row)
-    return markdown_table(["setting", "n", *(header for _, header in STATISTICS)], rows)
+    headers = [header for _, header in STATISTICS] + ["same-class share of moved mass"]
+    return markdown_table(["setting", "n", *headers], rows)
 
 
 def baseline_table(groups: dict[str, list[Run]], baseline: str) -> str:
@@ -221,7 +238,9 @@ def summarize(runs: Sequence[Run], baseline: str | None = None) -> str:
         "file.\n\n" + final_text + "".join(f"\n\n{note}" for note in notes),
         "## Training statistics in the last epoch\n\nEach run's train lines with epoch in "
         "(E - 1, E], E its last logged epoch, are averaged; then mean ± sample standard "
-        "deviation over the runs.\n\n" + statistics_table(groups),
+        "deviation over the runs. The last column is the same-class rate over (1 - positive "
+        "weight): the fraction of the label mass moved off the positive that lands on queue "
+        "entries of the sample's class.\n\n" + statistics_table(groups),
     ]
     if baseline is not None:
         parts.append(

@@ -30,6 +30,8 @@ import time
 
 from absl import app, flags
 
+from experiments import eval_workdir
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pretraining run.")
 _K = flags.DEFINE_integer("k", 200, "Number of nearest memory-bank images that vote.")
 _TEMPERATURE = flags.DEFINE_float(
@@ -59,28 +61,9 @@ def flag_error() -> str | None:
     if not (math.isfinite(_TEMPERATURE.value) and _TEMPERATURE.value > 0):
         return (f"Invalid --temperature={_TEMPERATURE.value}: use a finite number > 0 (the "
                 "protocol uses 0.1).")
-    return workdir_error(_WORKDIR.value, _STEP.value)
+    return eval_workdir.workdir_error(_WORKDIR.value, _STEP.value, RESULTS_FILE)
 
 
-def workdir_error(workdir: str, step: int | None) -> str | None:
-    """Return why `workdir` cannot be evaluated at `step`, or None, from its files alone."""
-    if not os.path.isdir(workdir):
-        return (f"Invalid --workdir={workdir!r}: no such directory. Give the workdir of a "
-                "pretraining run.")
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        return (f"Invalid --workdir={workdir!r}: it has no config.json, so it is not the "
-                "workdir of a pretraining run.")
-    directory = os.path.join(workdir, "checkpoints")
-    # Finished checkpoints are directories named by their step. Unfinished saves carry a
-    # suffix (STEP.orbax-checkpoint-tmp).
-    steps = sorted(int(name) for name in (os.listdir(directory) if os.path.isdir(directory)
-                                          else []) if name.isdigit())
-    if not steps:
-        return (f"No checkpoint in {directory}. The pretraining run saves one every "
-                "checkpoint_every_steps steps and at its end.")
-    if step is not None and step not in steps:
-        return f"Invalid --step={step}: {directory} has the steps {steps}."
-    return None
 
 
 def evaluate_knn(

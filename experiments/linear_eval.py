@@ -30,6 +30,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import eval_workdir
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a pretraining run.")
 _MODE = flags.DEFINE_string(
     "mode", "augmented",
@@ -89,28 +91,11 @@ def flag_error() -> str | None:
     for flag in (_HOLDOUT, _SEED, _MAX_TRAIN, _MAX_TEST):
         if flag.value < 0:
             return f"Invalid --{flag.name}={flag.value}: use an integer >= 0."
-    return workdir_error(_WORKDIR.value, _STEP.value)
+    # The name of ascl_jax.evaluation.linear.RESULTS_FILE, written out so that flag errors do
+    # not import JAX.
+    return eval_workdir.workdir_error(_WORKDIR.value, _STEP.value, "linear_eval.json")
 
 
-def workdir_error(workdir: str, step: int | None) -> str | None:
-    """Return why `workdir` cannot be evaluated at `step`, or None, from its files alone."""
-    if not os.path.isdir(workdir):
-        return (f"Invalid --workdir={workdir!r}: no such directory. Give the workdir of a "
-                "pretraining run.")
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        return (f"Invalid --workdir={workdir!r}: it has no config.json, so it is not the "
-                "workdir of a pretraining run.")
-    directory = os.path.join(workdir, "checkpoints")
-    # Finished checkpoints are directories named by their step. Unfinished saves carry a
-    # suffix (STEP.orbax-checkpoint-tmp).
-    steps = sorted(int(name) for name in (os.listdir(directory) if os.path.isdir(directory)
-                                          else []) if name.isdigit())
-    if not steps:
-        return (f"No checkpoint in {directory}. The pretraining run saves one every "
-                "checkpoint_every_steps steps and at its end.")
-    if step is not None and step not in steps:
-        return f"Invalid --step={step}: {directory} has the steps {steps}."
-    return None
 
 
 def describe(entry: dict) -> str:

@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise runs_lib.RunsError(
                 f"--output_dir is required with {len(args.workdir)} workdirs"
             )
-        runs = runs_lib.load_runs(args.workdir, args.label)
+        # The figures show no linear-probe result, so linear_eval.json is not read.
+        runs = runs_lib.load_runs(args.workdir, args.label, read_linear=False)
         output_dir = args.output_dir or os.path.join(args.workdir[0], "plots")
         written, warnings = plot_runs(runs, output_dir, args.smooth)
     except runs_lib.RunsError as error:

@@ -102,6 +102,18 @@ def test_plot_single_workdir_default_output(tmp_path, capsys):
             check_png(os.path.join(path, "plots", f"{name}.png"))
 
 
+def test_plot_ignores_several_linear_results(tmp_path, capsys):
+    path = str(tmp_path / "run")
+    write_workdir(path, "ascl", 0)
+    entries = [{"mode": "features", "test_top1": 0.5, "test_top5": 0.9},
+               {"mode": "augmented", "test_top1": 0.4, "test_top5": 0.8}]
+    with open(os.path.join(path, "linear_eval.json"), "w") as file:
+        json.dump({"entries": entries}, file)
+    status, _, err = run_main([f"--workdir={path}"], capsys)
+    assert status == 0, err
+    check_png(os.path.join(path, "plots", "overview.png"))
+
+
 def test_setting_curve_mean_min_max(workdirs):
     runs = runs_lib.load_runs(workdirs[:3])
     for panel in plot.PANELS:

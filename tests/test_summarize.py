@@ -209,6 +209,15 @@ def test_linear_eval_entry_selection(tmp_path):
         runs_lib.read_linear_eval(path, {"mode": "features"})
 
 
+def test_unmatched_linear_setting_is_an_error(experiment, capsys):
+    paths, _ = experiment
+    with open(os.path.join(paths[1], "linear_eval.json"), "w") as file:
+        json.dump({"entries": [{"mode": "features", "test_top1": 0.5, "test_top5": 0.9}]}, file)
+    args = [f"--workdir={path}" for path in paths[:2]] + ["--linear_setting=mode=nosuch"]
+    assert summarize.main(args) == 1
+    assert "no linear_eval.json entry matches" in capsys.readouterr().err
+
+
 def test_parse_setting_reads_json_values():
     assert runs_lib.parse_setting("normalize_features=true") == ("normalize_features", True)
     assert runs_lib.parse_setting("learning_rate=1") == ("learning_rate", 1)

@@ -215,11 +215,16 @@ def read_wall_seconds(path: str) -> float | None:
 
 
 def load_run(
-    workdir: str, label: str | None = None, linear_settings: Mapping[str, Any] | None = None
+    workdir: str,
+    label: str | None = None,
+    linear_settings: Mapping[str, Any] | None = None,
+    *,
+    read_linear: bool = True,
 ) -> Run:
     """Read a workdir; `label` overrides the one built from its config.
 
-    `linear_settings` selects the linear evaluation, as in `read_linear_eval`.
+    `linear_settings` selects the linear evaluation, as in `read_linear_eval`. With
+    `read_linear=False` the linear-evaluation file is not read and `linear_eval` is None.
     """
     if not os.path.isdir(workdir):
         raise RunsError(f"workdir {workdir} does not exist")
@@ -237,7 +242,10 @@ def load_run(
         label=label,
         config=config,
         records=records,
-        linear_eval=read_linear_eval(os.path.join(workdir, LINEAR_EVAL_FILE), linear_settings),
+        linear_eval=(
+            read_linear_eval(os.path.join(workdir, LINEAR_EVAL_FILE), linear_settings)
+            if read_linear else None
+        ),
         wall_seconds=read_wall_seconds(os.path.join(workdir, DONE_FILE)),
     )
 
@@ -246,11 +254,14 @@ def load_runs(
     workdirs: Sequence[str],
     labels: Sequence[str] = (),
     linear_settings: Mapping[str, Any] | None = None,
+    *,
+    read_linear: bool = True,
 ) -> list[Run]:
     """Read every workdir, checking the command-line values first.
 
     `labels` is empty (labels from the configs) or has one label per workdir.
-    `linear_settings` selects each run's linear evaluation, as in `read_linear_eval`.
+    `linear_settings` selects each run's linear evaluation, as in `read_linear_eval`, and
+    `read_linear=False` skips the linear-evaluation files.
     """
     if not workdirs:
         raise RunsError("no --workdir given; pass one --workdir=DIR per run")
@@ -271,7 +282,8 @@ def load_runs(
     if not labels:
         labels = [None] * len(workdirs)
     return [
-        load_run(workdir, label, linear_settings) for workdir, label in zip(workdirs, labels)
+        load_run(workdir, label, linear_settings, read_linear=read_linear)
+        for workdir, label in zip(workdirs, labels)
     ]
 
 

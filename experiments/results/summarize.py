@@ -277,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         linear_settings = dict(runs_lib.parse_setting(text) for text in args.linear_setting)
         runs = runs_lib.load_runs(args.workdir, args.label, linear_settings)
+        if linear_settings and all(run.linear_eval is None for run in runs):
+            raise runs_lib.RunsError(
+                f"no linear_eval.json entry matches --linear_setting {linear_settings}; "
+                "check the keys and values against the files' entries"
+            )
         text = summarize(runs, args.baseline)
     except runs_lib.RunsError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -31,6 +31,7 @@ import functools
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -41,10 +42,13 @@ from absl import app, flags, logging
 
 _CIFAR10_DIR = flags.DEFINE_string(
     "cifar10_dir", os.environ.get("ASCL_JAX_CIFAR10_DIR", ""),
-    "Folder with the CIFAR-10 JPEG archives train.tar and test.tar (default: the environment "
-    "variable ASCL_JAX_CIFAR10_DIR). Empty skips CIFAR-10.",
+    "Folder with the CIFAR-10 JPEG archives train.tar and test.tar, or the folders train/ and "
+    "test/ (default: the environment variable ASCL_JAX_CIFAR10_DIR). When it is empty, the "
+    "default --datasets skips CIFAR-10.",
 )
-_DATASETS = flags.DEFINE_list("datasets", ["embedded", "cifar10"], "Datasets to measure.")
+_DATASETS = flags.DEFINE_list(
+    "datasets", ["embedded", "cifar10"], "Datasets to measure, from embedded and cifar10."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per figure, after one warm-up run.")
 _COLD_REPEATS = flags.DEFINE_integer(
     "cold_repeats", 3, "Cold decodes of the CIFAR-10 training archive (0 skips them)."
@@ -71,7 +75,8 @@ _CIFAR10_CONFIG = flags.DEFINE_string(
 )
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the mesh; 0 uses all.")
 _TINY = flags.DEFINE_bool(
-    "tiny", False, "Smoke test: a tiny model, batches of 16 and few runs, in seconds."
+    "tiny", False, "Smoke test: a tiny model, batches of 16 and few runs, in seconds. Run "
+    "counts given on the command line keep their values."
 )
 
 # The config each dataset trains with by default; --cifar10_config replaces that of CIFAR-10.
@@ -79,6 +84,12 @@ CONFIG_OF_DATASET = {"embedded": "default", "cifar10": "cifar10"}
 # Sizes of the --tiny smoke test.
 TINY_OVERRIDES = {"width": 4, "hidden_dim": 32, "projection_dim": 16, "batch_size": 16,
                   "queue_size": 64}
+# Run counts of the --tiny smoke test, by Options field (each one also a flag name).
+TINY_RUNS = {"repeats": 2, "cold_repeats": 1, "num_batches": 3, "step_repeats": 2,
+             "loop_steps": 3, "loop_repeats": 1}
+# Smallest valid value of each numeric option.
+MINIMUM_OF_OPTION = {"repeats": 1, "cold_repeats": 0, "num_batches": 1, "step_repeats": 0,
+                     "loop_steps": 0, "loop_repeats": 1, "loop_budget_s": 0, "num_devices": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,25 +414,77 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(options: Options) -> list[Row]:
-    """Measure every dataset of `options`; return the rows."""
-    import jax
+def check_options(options: Options) -> None:
+    """Raise ValueError, naming the flag and a valid value, for an option the run would reject.
 
-    from ascl_jax import sharding
-
+    It reads the config modules and lists the CIFAR-10 folder but starts no JAX backend, so a
+    bad option fails before any measurement or compilation.
+    """
+    if not options.datasets:
+        raise ValueError(f"invalid --datasets=: it is empty; pass one or more of "
+                         f"{','.join(CONFIG_OF_DATASET)}.")
     unknown = sorted(set(options.datasets) - set(CONFIG_OF_DATASET))
     if unknown:
-        raise ValueError(f"Invalid --datasets={','.join(options.datasets)}: unknown {unknown}; "
-                         f"use some of {sorted(CONFIG_OF_DATASET)}.")
-    if "cifar10" in options.datasets and not options.cifar10_dir:
+        raise ValueError(f"invalid --datasets={','.join(options.datasets)}: unknown "
+                         f"{', '.join(unknown)}; use some of {','.join(CONFIG_OF_DATASET)}.")
+    for name, minimum in MINIMUM_OF_OPTION.items():
+        value = getattr(options, name)
+        if not value >= minimum:  # Also rejects NaN.
+            raise ValueError(f"invalid --{name}={value}: it must be at least {minimum}.")
+    if "cifar10" in options.datasets:
+        check_cifar10(options)
+
+
+def check_cifar10(options: Options) -> None:
+    """Raise ValueError unless the CIFAR-10 config exists and the folder has its training split."""
+    import importlib.util
+
+    if not options.cifar10_dir:
         raise ValueError(
-            "Missing CIFAR-10 folder: --datasets includes cifar10, so set --cifar10_dir or "
+            "missing CIFAR-10 folder: --datasets includes cifar10, so pass --cifar10_dir or set "
             "ASCL_JAX_CIFAR10_DIR to the folder with train.tar, or pass --datasets=embedded."
         )
+    module = f"experiments.configs.{options.cifar10_config}"
+    if "." in options.cifar10_config or importlib.util.find_spec(module) is None:
+        raise ValueError(f"invalid --cifar10_config={options.cifar10_config}: no such module in "
+                         "experiments/configs; use a module name such as cifar10 or cifar10_cpu.")
+    root = os.path.abspath(os.path.expanduser(options.cifar10_dir))
+    if not os.path.isdir(root):
+        raise ValueError(f"invalid --cifar10_dir={options.cifar10_dir}: {root} is not a folder; "
+                         "pass the folder that contains train.tar (or train/CLASS/*.jpg).")
+    # The benchmark loads only the training split, one folder or archive per "+"-joined part.
+    for split in load_config("cifar10", options).train_split.split("+"):
+        folder = os.path.join(root, split)
+        if not (os.path.isdir(folder) or os.path.isfile(folder + ".tar")):
+            raise ValueError(
+                f"invalid --cifar10_dir={options.cifar10_dir}: it contains neither {split}.tar "
+                f"nor the folder {split}/; pass the folder with the CIFAR-10 archives "
+                f"{split}.tar and test.tar."
+            )
+
+
+def mesh_devices(options: Options) -> list[Any]:
+    """Return the first --num_devices devices, or all; raise ValueError if there are fewer."""
+    import jax
+
     devices = jax.devices()
-    if options.num_devices:
-        devices = devices[: options.num_devices]
-    mesh = sharding.create_mesh(devices)
+    if options.num_devices > len(devices):
+        raise ValueError(f"invalid --num_devices={options.num_devices}: JAX has only "
+                         f"{len(devices)} device(s); pass at most {len(devices)}, or 0 for all.")
+    return devices[: options.num_devices] if options.num_devices else devices
+
+
+def run(options: Options) -> list[Row]:
+    """Measure every dataset of `options`; return the rows.
+
+    Raises:
+        ValueError: an option is invalid (see check_options), or --num_devices exceeds the
+            devices JAX has.
+    """
+    check_options(options)
+    from ascl_jax import sharding
+
+    mesh = sharding.create_mesh(mesh_devices(options))
     rows = []
     for dataset in options.datasets:
         rows += measure_dataset(dataset, mesh, options)
@@ -429,9 +492,20 @@ def run(options: Options) -> list[Row]:
 
 
 def options_from_flags() -> Options:
-    """Return the Options of the command line, shrunk by --tiny."""
+    """Return the Options of the command line, shrunk by --tiny, and check them.
+
+    Without a CIFAR-10 folder, the default --datasets drops cifar10 with a note.
+
+    Raises:
+        ValueError: an option is invalid; the message names the flag and a valid value.
+    """
+    datasets = tuple(_DATASETS.value)
+    skip_cifar10 = ("cifar10" in datasets and not _CIFAR10_DIR.value
+                    and not flags.FLAGS["datasets"].present)
+    if skip_cifar10:
+        datasets = tuple(name for name in datasets if name != "cifar10")
     options = Options(
-        datasets=tuple(_DATASETS.value), cifar10_dir=_CIFAR10_DIR.value,
+        datasets=datasets, cifar10_dir=_CIFAR10_DIR.value,
         repeats=_REPEATS.value, cold_repeats=_COLD_REPEATS.value,
         num_batches=_NUM_BATCHES.value, step_repeats=_STEP_REPEATS.value,
         loop_steps=_LOOP_STEPS.value, loop_repeats=_LOOP_REPEATS.value,
@@ -439,18 +513,37 @@ def options_from_flags() -> Options:
         cifar10_config=_CIFAR10_CONFIG.value, num_devices=_NUM_DEVICES.value,
     )
     if _TINY.value:
-        options = dataclasses.replace(
-            options, repeats=2, cold_repeats=min(1, options.cold_repeats), num_batches=3,
-            step_repeats=2, loop_steps=3, loop_repeats=1, overrides=TINY_OVERRIDES,
-        )
+        # --tiny sets only the run counts that the command line leaves at their defaults.
+        runs = {name: value for name, value in TINY_RUNS.items()
+                if not flags.FLAGS[name].present}
+        options = dataclasses.replace(options, overrides=TINY_OVERRIDES, **runs)
+    check_options(options)
+    if skip_cifar10:
+        print("note: skipping CIFAR-10 because --cifar10_dir is empty and ASCL_JAX_CIFAR10_DIR "
+              "is unset.")
     return options
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse the flags, exiting with a one-line error (status 1) for an invalid one."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"error: {error}")
+
+
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}; every setting is a "
+                 "--flag=value (see --help).")
+    try:
+        options = options_from_flags()
+        # The device count needs the JAX backend, which starts here, before any compilation.
+        mesh_devices(options)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     import jax
 
-    options = options_from_flags()
     rows = run(options)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, CPU cores: "
           f"{os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f}")
@@ -461,4 +554,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -33,6 +33,7 @@ import argparse
 import functools
 import math
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -49,14 +50,46 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def parse_int_list(text: str) -> list[int]:
-    return [int(item) for item in text.split(",") if item]
+    """Parse comma-separated integers, raising ArgumentTypeError for an empty or bad list."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; pass comma-separated integers")
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of integers; pass comma-separated integers such as 4096,16384"
+        ) from None
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_kinds(text: str) -> list[str]:
+    """Parse comma-separated label rules, raising ArgumentTypeError for an empty or bad one."""
+    kinds = [item.strip() for item in text.split(",") if item.strip()]
+    if not kinds:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is empty; pass some of {','.join(losses.KINDS)}"
+        )
+    for kind in kinds:
+        if kind not in losses.KINDS:
+            raise argparse.ArgumentTypeError(
+                f"unknown label rule {kind!r}; pass some of {','.join(losses.KINDS)}"
+            )
+    return kinds
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports an invalid argument as one line and exits with status 1."""
+
+    def error(self, message: str):
+        sys.exit(f"error: {message}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line, exiting with a one-line error for an invalid value."""
+    parser = OneLineErrorParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=parse_int_list, default=[4096, 16384, 65536],
                         help="comma-separated bank sizes (number of queue entries)")
-    parser.add_argument("--kinds", type=lambda text: text.split(","),
+    parser.add_argument("--kinds", type=parse_kinds,
                         default=["normal", "ahcl", "ascl"],
                         help=f"comma-separated label rules, from {losses.KINDS}")
     parser.add_argument("--repeats", type=int, default=5,
@@ -71,16 +104,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch version")
     parser.add_argument("--no_reference", action="store_true",
                         help="skip the straightforward JAX composition")
-    args = parser.parse_args()
-    for kind in args.kinds:
-        if kind not in losses.KINDS:
-            parser.error(f"invalid kind {kind!r} in --kinds: expected one of {losses.KINDS}")
-    if args.repeats < 1:
-        parser.error(f"invalid --repeats {args.repeats}: expected at least 1")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "batch", "dim", "num_neighbors", "block_rows", "chunk_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"invalid --{name} {value}: it must be a positive integer")
     for bank_size in args.n:
-        if not args.num_neighbors <= bank_size:
-            parser.error(f"invalid --n {bank_size}: must be at least --num_neighbors "
-                         f"{args.num_neighbors}")
+        if bank_size < args.num_neighbors:
+            parser.error(f"invalid --n {bank_size}: each bank size must be a positive integer "
+                         f"of at least --num_neighbors ({args.num_neighbors})")
     return args
 
 
@@ -360,8 +392,8 @@ def check_agreement(rows: list[dict[str, object]]) -> list[str]:
     return problems
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch_and_device = (None, "--no_torch")
     if not args.no_torch:
         torch_and_device = torch_device_or_reason()

@@ -1,7 +1,7 @@
 """Time the ASCL train step in JAX against the same step in eager PyTorch, in one process.
 
 Usage:
-    python -m experiments.bench_train [--batch_sizes=64,256] [--dtypes=float32,bfloat16] \
+    python -m experiments.bench_train [--batch_sizes=64,256] [--dtypes=float32,bfloat16]
         [--steps=3] [--repeats=5] [--width=64] [--notorch] [--noplatform_defaults]
 
 The JAX step is the real one: `train_step.make_train_step` wrapped by
@@ -54,7 +54,9 @@ _DTYPES = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per framework in each round.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds that alternate the two frameworks.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per framework after compilation.")
-_MODEL = flags.DEFINE_string("model", "resnet18", "ResNet: resnet10, resnet18 or resnet34.")
+_MODEL = flags.DEFINE_string(
+    "model", "resnet18", "ResNet: resnet10, resnet18 or resnet34 (resnet50 needs --notorch)."
+)
 _WIDTH = flags.DEFINE_integer("width", 64, "Base width of the ResNet.")
 _HIDDEN_DIM = flags.DEFINE_integer("hidden_dim", 2048, "Hidden size of the projector.")
 _PROJECTION_DIM = flags.DEFINE_integer("projection_dim", 128, "Output size of the projector.")
@@ -69,6 +71,13 @@ _PLATFORM_DEFAULTS = flags.DEFINE_boolean(
     "platform_defaults", True,
     "Apply ascl_jax.platform's XLA flags before JAX starts, as the training entry point does.",
 )
+
+# Basic blocks per stage of the ResNets that the PyTorch step implements.
+TORCH_STAGES = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+# The CIFAR-stem ResNets halve the side in three stride-2 stages, so the last feature map has
+# side ceil(image_size / 8). Apart from the BatchNorm case in check_settings, any image_size of
+# 1 or more runs in both steps (tiny runs with sides 1 and 2 completed on a CPU).
+FEATURE_MAP_STRIDE = 8
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
@@ -119,28 +128,70 @@ def step_config(batch_size: int, dtype: str) -> dict[str, Any]:
     return config.to_dict()
 
 
+def parse_batch_sizes(values: list[str]) -> list[int]:
+    """Return the integers of --batch_sizes, raising ValueError for an empty or bad list."""
+    if not values:
+        raise ValueError("invalid --batch_sizes=: it is empty; pass batch sizes such as 64,256.")
+    try:
+        return [int(value) for value in values]
+    except ValueError:
+        raise ValueError(f"invalid --batch_sizes={','.join(values)}: pass comma-separated "
+                         "integers such as 64,256.") from None
+
+
 def check_settings(batch_sizes: list[int], dtypes: list[str]) -> None:
-    """Raise app.UsageError for a setting that the step would reject later."""
+    """Raise ValueError for a setting that the step would reject later, before JAX starts."""
+    if not dtypes:
+        raise ValueError("invalid --dtypes=: it is empty; pass float32, bfloat16 or both.")
     for dtype in dtypes:
         if dtype not in ("float32", "bfloat16"):
-            raise app.UsageError(f"Invalid dtype {dtype!r} in --dtypes: use float32 or bfloat16.")
+            raise ValueError(f"invalid dtype {dtype!r} in --dtypes: use float32 or bfloat16.")
+    if _TORCH.value and _MODEL.value not in TORCH_STAGES:
+        raise ValueError(
+            f"invalid --model={_MODEL.value}: the PyTorch step implements "
+            f"{', '.join(TORCH_STAGES)}; pass one of them, or --notorch to time JAX alone."
+        )
     for name, value in (("steps", _STEPS.value), ("repeats", _REPEATS.value),
-                        ("width", _WIDTH.value), ("image_size", _IMAGE_SIZE.value)):
+                        ("width", _WIDTH.value), ("hidden_dim", _HIDDEN_DIM.value),
+                        ("projection_dim", _PROJECTION_DIM.value),
+                        ("bn_groups", _BN_GROUPS.value), ("queue_size", _QUEUE_SIZE.value),
+                        ("image_size", _IMAGE_SIZE.value)):
         if value < 1:
-            raise app.UsageError(f"Invalid --{name}={value}: it must be a positive integer.")
-    if _WARMUP.value < 0:
-        raise app.UsageError(f"Invalid --warmup={_WARMUP.value}: it must be 0 or more.")
+            raise ValueError(f"invalid --{name}={value}: it must be a positive integer.")
+    for name, value in (("warmup", _WARMUP.value), ("torch_threads", _TORCH_THREADS.value)):
+        if value < 0:
+            raise ValueError(f"invalid --{name}={value}: it must be 0 or more.")
     for batch_size in batch_sizes:
         if batch_size < 1 or batch_size % _BN_GROUPS.value:
-            raise app.UsageError(
-                f"Invalid batch size {batch_size}: it must be a positive multiple of "
-                f"--bn_groups={_BN_GROUPS.value}."
+            raise ValueError(
+                f"invalid batch size {batch_size} in --batch_sizes: it must be a positive "
+                f"multiple of --bn_groups={_BN_GROUPS.value}."
             )
         if _QUEUE_SIZE.value % batch_size:
-            raise app.UsageError(
-                f"Invalid batch size {batch_size} for --queue_size={_QUEUE_SIZE.value}: the "
+            raise ValueError(
+                f"invalid batch size {batch_size} for --queue_size={_QUEUE_SIZE.value}: the "
                 "queue length must be a multiple of the batch size."
             )
+        # PyTorch's training-mode BatchNorm rejects a group with one value per channel, which
+        # happens in the last stage with one example per group and a 1x1 feature map.
+        one_value_per_group = (batch_size == _BN_GROUPS.value
+                               and _IMAGE_SIZE.value <= FEATURE_MAP_STRIDE)
+        if _TORCH.value and one_value_per_group:
+            raise ValueError(
+                f"invalid --image_size={_IMAGE_SIZE.value} for batch size {batch_size} and "
+                f"--bn_groups={_BN_GROUPS.value}: the PyTorch BatchNorm needs more than one "
+                f"example per group or an image side above {FEATURE_MAP_STRIDE}; pass a larger "
+                "batch or image size, or --notorch."
+            )
+
+
+def check_model() -> None:
+    """Raise ValueError unless --model names a ResNet of ascl_jax.models (imports JAX)."""
+    from ascl_jax import models
+
+    if _MODEL.value not in models.MODELS:
+        raise ValueError(f"invalid --model={_MODEL.value}: use one of "
+                         f"{', '.join(models.MODELS)}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,9 +394,9 @@ def _torch_encoder(config: dict[str, Any]):
             y = functional.relu(self.conv_bn1(x))
             return functional.relu(self.conv_bn2(y) + self.shortcut(x))
 
-    stages = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+    stages = TORCH_STAGES
     if config["model"] not in stages or config["stem"] != "cifar":
-        raise app.UsageError(
+        raise ValueError(
             f"The PyTorch step implements resnet10/18/34 with the cifar stem, not "
             f"{config['model']} with stem {config['stem']}; pass --notorch to time JAX alone."
         )
@@ -521,12 +572,24 @@ def _format_rate(value: float | None, unit: float = 1e9) -> str:
     return "n/a" if value is None else f"{value / unit:.1f}"
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse the flags, exiting with a one-line error (status 1) for an invalid one."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"error: {error}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    batch_sizes = [int(size) for size in _BATCH_SIZES.value]
+        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}; every setting is a "
+                 "--flag=value (see --help).")
     dtypes = list(_DTYPES.value)
-    check_settings(batch_sizes, dtypes)
+    try:
+        batch_sizes = parse_batch_sizes(_BATCH_SIZES.value)
+        check_settings(batch_sizes, dtypes)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
     # XLA reads its flags when JAX starts its backend, so they go in before JAX is imported.
     if _PLATFORM_DEFAULTS.value:
@@ -534,6 +597,11 @@ def main(argv: list[str]) -> None:
 
         platform.apply_platform_defaults()
     import jax
+
+    try:
+        check_model()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
     torch = None
     if _TORCH.value:
@@ -599,4 +667,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

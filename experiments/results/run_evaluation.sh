@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Linear probe of every finished run under ROOT, then the figures and the tables of RESULTS.md.
 #   usage: experiments/results/run_evaluation.sh [ROOT] [OUT]
-# ROOT holds the workdirs that run_pretrain.sh wrote; OUT receives the PNGs and tables.md.
+# ROOT contains the workdirs that run_pretrain.sh wrote; OUT receives the PNGs and tables.md.
 set -euo pipefail
 root=${1:-workdirs/results}
 out=${2:-experiments/results}

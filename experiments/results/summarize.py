@@ -2,13 +2,14 @@
 
 Usage:
     python -m experiments.results.summarize --workdir=DIR [--workdir=DIR2 ...] [--label=NAME ...]
-        [--baseline=LABEL]
+        [--baseline=LABEL] [--linear_setting=KEY=VALUE ...]
 
 Runs that share a label are seeds of one setting (labels as in experiments.plot). The tables:
 
 1. kNN top-1 at each evaluated step: mean ± sample standard deviation over the seeds, n and
    the values of the individual seeds.
-2. Final kNN top-1, linear-probe top-1 and top-5 (from linear_eval.json, where present) and the
+2. Final kNN top-1, linear-probe top-1 and top-5 (from the linear_eval.json entry that the
+   --linear_setting values select, where present) and the
    pretraining wall time (from the DONE file of run_pretrain.sh, where present), per setting and
    per run.
 3. Means of confidence, positive weight, same-class rate and nearest-neighbour same-class rate

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import cli
+
 _CIFAR10_DIR = flags.DEFINE_string(
     "cifar10_dir", os.environ.get("ASCL_JAX_CIFAR10_DIR", ""),
     "Folder with the CIFAR-10 JPEG archives train.tar and test.tar, or the folders train/ and "
@@ -524,18 +526,8 @@ def options_from_flags() -> Options:
     return options
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parse the flags, exiting with a one-line error (status 1) for an invalid one."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"error: {error}")
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}; every setting is a "
-                 "--flag=value (see --help).")
+    cli.reject_arguments(argv)
     try:
         options = options_from_flags()
         # The device count needs the JAX backend, which starts here, before any compilation.
@@ -554,4 +546,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

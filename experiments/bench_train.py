@@ -33,7 +33,7 @@ load from other processes hits both frameworks alike. The PyTorch bfloat16 step 
 
 The achieved FLOP/s uses the floating-point operation count of the compiled JAX step from
 XLA's `cost_analysis()`. MFU is that rate over the device's nominal dense peak for the dtype,
-from `PEAK_FLOPS`; it is n/a for CPUs and for device kinds not in that table.
+from `PEAK_FLOPS`. CPUs and device kinds missing from that table show n/a.
 """
 
 import math
@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
+
+from experiments import cli
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["64", "256"], "Global batch sizes to time.")
 _DTYPES = flags.DEFINE_list(
@@ -572,18 +574,8 @@ def _format_rate(value: float | None, unit: float = 1e9) -> str:
     return "n/a" if value is None else f"{value / unit:.1f}"
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parse the flags, exiting with a one-line error (status 1) for an invalid one."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"error: {error}")
-
-
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {' '.join(argv[1:])}; every setting is a "
-                 "--flag=value (see --help).")
+    cli.reject_arguments(argv)
     dtypes = list(_DTYPES.value)
     try:
         batch_sizes = parse_batch_sizes(_BATCH_SIZES.value)
@@ -667,4 +659,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)
